@@ -1,0 +1,133 @@
+"""Feature extraction from uint8 image tensors with a frozen model."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from contrastkit.errors import ConfigError, DataError
+from contrastkit.evaluation._checks import positive_int, resolve_device
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return None
+
+
+def _stats_arg(values: Sequence[float], name: str, channels: int) -> list[float]:
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name} must be a sequence of {channels} numbers, got {values!r}") from exc
+    if len(out) != channels:
+        raise ConfigError(f"{name} has {len(out)} values but the images have {channels} channels; give one per channel")
+    if any(not math.isfinite(v) or v < 0.0 or v > 1.0 or (name == "std" and v == 0.0) for v in out):
+        raise ConfigError(
+            f"{name}={values!r} must be on the 0-1 pixel scale (e.g. ImageNet mean (0.485, 0.456, 0.406), "
+            "std (0.229, 0.224, 0.225)); std must be > 0"
+        )
+    return out
+
+
+def extract_features(
+    model: nn.Module,
+    images: Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+    size: int | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """Features of ``images`` under ``model`` in eval mode, as float32 N x D on ``device``.
+
+    Each batch is moved to ``device``, converted to float in [0, 1] (``/ 255``), resized to ``size`` x ``size``
+    (bilinear, antialiased) if ``size`` is given and differs from H x W, normalised per channel with ``mean`` and
+    ``std``, and passed through ``model`` under :func:`torch.inference_mode`. The ``training`` flag of every
+    submodule is restored afterwards (also if the model raises), so a model that was in train mode, or had some
+    submodules frozen in eval mode, comes back exactly as it was. Autocast is the caller's business: wrap the call in
+    :func:`torch.autocast` to extract in reduced precision; the outputs are stored as float32 either way.
+
+    Args:
+        model: maps a B x C x size x size float batch to B x D features (e.g. a backbone without its head).
+            Its parameters must already be on ``device``; it is not moved.
+        images: N x C x H x W ``torch.uint8`` tensor on the CPU (or on ``device``). It is only read: a tensor
+            backed by a read-only memory map is fine.
+        mean: per-channel mean on the 0-1 scale, e.g. ``(0.485, 0.456, 0.406)``.
+        std: per-channel standard deviation on the 0-1 scale, all > 0.
+        batch_size: images per forward pass (default 512).
+        device: where to run (default ``None``: the device of the model's parameters, CPU for a parameterless model).
+        size: side of the square input the model sees (default ``None``: keep H x W). E.g. 32 to evaluate STL-10's
+            96 px images at a 32 px training crop size.
+        progress: show a tqdm progress bar (default ``False``).
+
+    Returns:
+        N x D float32 tensor on ``device`` (a normal tensor, usable with autograd afterwards).
+
+    Raises:
+        DataError: ``images`` is not a non-empty 4-D uint8 tensor.
+        ConfigError: bad ``mean``/``std``/``batch_size``/``size``/``device``, a model on another device, or a model
+            that does not return a B x D tensor.
+    """
+    if not isinstance(images, Tensor):
+        raise DataError(f"images must be a torch.Tensor (N x C x H x W, uint8), got {type(images).__name__}")
+    if images.dim() != 4:
+        raise DataError(f"images must be 4-D (N x C x H x W), got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        raise DataError(f"images must have dtype torch.uint8 (0-255 pixels), got {images.dtype}")
+    n, channels, height, width = images.shape
+    if n == 0 or height == 0 or width == 0:
+        raise DataError(f"images is empty (shape {tuple(images.shape)}); pass at least one image")
+    batch_size = positive_int(batch_size, "batch_size")
+    if size is not None:
+        size = positive_int(size, "size")
+    mean_list = _stats_arg(mean, "mean", channels)
+    std_list = _stats_arg(std, "std", channels)
+
+    model_device = _model_device(model)
+    dev = resolve_device(device, model_device if model_device is not None else torch.device("cpu"))
+    if model_device is not None and model_device != dev:
+        raise ConfigError(
+            f"the model is on {model_device} but device={dev}; move it with model.to({str(dev)!r}) or pass device=None"
+        )
+
+    mean_t = torch.tensor(mean_list, dtype=torch.float32, device=dev).view(1, channels, 1, 1)
+    inv_std_t = 1.0 / torch.tensor(std_list, dtype=torch.float32, device=dev).view(1, channels, 1, 1)
+    resize = size is not None and (height, width) != (size, size)
+
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    out: Tensor | None = None
+    try:
+        with torch.inference_mode(), tqdm(
+            total=n, desc="extracting features", unit="img", disable=not progress, leave=False
+        ) as bar:
+            for start in range(0, n, batch_size):
+                x = images[start : start + batch_size].to(dev, non_blocking=True).float().div_(255.0)  # B x C x H x W
+                if resize:
+                    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+                x = x.sub_(mean_t).mul_(inv_std_t)  # B x C x size x size
+                y = model(x)
+                if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0]:
+                    got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+                    raise ConfigError(
+                        f"the model must return a (batch, dim) feature tensor, got {got} for a batch of {x.shape[0]}; "
+                        "pass the backbone (ending in global pooling + flatten), not a model returning maps or dicts"
+                    )
+                if out is None:
+                    with torch.inference_mode(False):  # a normal tensor, so callers can use it with autograd
+                        out = torch.empty(n, y.shape[1], dtype=torch.float32, device=dev)  # N x D
+                out[start : start + y.shape[0]].copy_(y)  # cast to float32
+                bar.update(y.shape[0])
+    finally:
+        for module, training in modes:
+            module.training = training
+    assert out is not None
+    return out
