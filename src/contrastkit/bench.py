@@ -1,0 +1,167 @@
+"""``contrastkit bench throughput``: where the time of a training step goes.
+
+For each (method, backbone) setting, in source images per second (one source image = all its views):
+
+- ``views``: view generation alone (uint8 batch gathered from the device store -> augmented, normalised views);
+- ``model``: the model step alone on ready view tensors (forward, loss, backward, optimizer step): our limit;
+- ``end_to_end``: the real training loop (Lightning ``Trainer.fit`` on the device-resident dataset, index
+  sampler, on-device views, logging), timed between batch starts after ``warmup`` steps;
+- ``ratio`` = end_to_end / model (1.0 = the data pipeline costs nothing),
+
+plus peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, which only grows, so read it per
+process). Timings are medians over ``steps`` steps after ``warmup`` steps.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Any
+
+import lightning as L
+import torch
+
+from contrastkit.config import Config, load_config
+from contrastkit.training.module import SSLModule, index_loader, steps_per_epoch
+from contrastkit.training.run import _peak_memory_mb, build_trainer, load_split
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _bench_config(backbone: str, method: str, dataset: str, batch_size: int, device: str, precision: str) -> Config:
+    overrides = [f"model.backbone={backbone}", f"method.name={method}", f"optim.batch_size={batch_size}",
+                 f"train.accelerator={'gpu' if device.startswith('cuda') else 'cpu'}", "train.devices=1",
+                 "train.knn_every_n_epochs=0", "train.progress_bar=false", "eval.knn=false",
+                 f"train.precision={ {'32': '32-true', 'bf16': 'bf16-mixed', '16': '16-mixed'}[precision] }",
+                 f"train.run_dir=runs/bench-{method}-{backbone}", "data.monitor_bank_split=null",
+                 "data.monitor_query_split=null"]
+    if backbone != "small_resnet":
+        overrides.append("model.cifar_stem=true")
+    if dataset == "synthetic":
+        overrides += ["data.name=synthetic", "data.image_size=32", "data.options={n: 4096, channels: 3}",
+                      "views.preset=simclr"]
+    else:
+        overrides += [f"data.name={dataset}"]
+        if dataset == "fashion-mnist":
+            overrides += ["views.preset=gray"]
+    return load_config(None, overrides)
+
+
+class _StepTimer(L.Callback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.times: list[float] = []
+        self._last: float | None = None
+        self._device: torch.device | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        _sync(pl_module.device)
+        now = time.perf_counter()
+        if self._last is not None and trainer.global_step > self.warmup:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, steps: int, warmup: int,
+                  device: str, precision: str) -> dict[str, Any]:
+    """Measure one setting; returns one record (see the module docstring)."""
+    cfg = _bench_config(backbone, method, dataset, batch_size, device, precision)
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    data = load_split(cfg, "train")
+    mean, std = data.channel_stats()
+    spe = steps_per_epoch(len(data), batch_size, 1, 1)
+    module = SSLModule(cfg.to_dict(), data.channels, int(data.images.shape[-1]), mean, std, spe, 1).to(dev)
+    images = data.images.to(dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                              enabled=precision != "32")
+
+    # (a) views alone
+    t_views = []
+    for i in range(warmup + steps):
+        idx = torch.randint(0, len(data), (batch_size,), device=dev, generator=gen)
+        _sync(dev)
+        t = time.perf_counter()
+        with torch.no_grad():
+            module.views(images[idx], generator=gen)
+        _sync(dev)
+        if i >= warmup:
+            t_views.append(time.perf_counter() - t)
+
+    # (b) model step alone on fixed, ready views
+    idx = torch.randint(0, len(data), (batch_size,), device=dev, generator=gen)
+    with torch.no_grad():
+        views = module.views(images[idx], generator=gen)
+    opt = module.configure_optimizers()["optimizer"]
+    module.train()
+    t_model = []
+    for i in range(warmup + steps):
+        _sync(dev)
+        t = time.perf_counter()
+        with autocast:
+            loss = module.method.forward_loss(views, 0.0)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        module.method.after_optimizer_step(0.0)
+        _sync(dev)
+        if i >= warmup:
+            t_model.append(time.perf_counter() - t)
+    del opt
+
+    # (c) end to end through Lightning
+    cfg.train.max_steps = warmup + steps + 1
+    cfg.train.epochs = max(1, (warmup + steps + 1) // max(1, spe) + 1)
+    timer = _StepTimer(warmup)
+    trainer = build_trainer(cfg, [timer], __import__("pathlib").Path(cfg.train.run_dir))
+    trainer.checkpoint_callback.save_last = False  # type: ignore[union-attr]
+    trainer.checkpoint_callback._every_n_epochs = 0  # type: ignore[union-attr]
+    e2e = SSLModule(cfg.to_dict(), data.channels, int(data.images.shape[-1]), mean, std, spe, 1)
+    e2e.attach_images(data.images)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    class _DM(L.LightningDataModule):
+        def train_dataloader(self) -> Any:
+            return index_loader(len(data), batch_size, 0, 1, 0)
+
+    trainer.fit(e2e, datamodule=_DM())
+
+    med = statistics.median
+    views_ips = batch_size / med(t_views)
+    model_ips = batch_size / med(t_model)
+    e2e_ips = batch_size / med(timer.times) if timer.times else float("nan")
+    return {
+        "method": method, "backbone": backbone, "dataset": cfg.data.name,
+        "image_shape": list(data.images.shape[1:]), "batch_size": batch_size, "views": cfg.views.num_views,
+        "device": str(dev), "precision": precision, "steps": steps, "warmup": warmup,
+        "views_images_per_sec": round(views_ips, 1), "model_images_per_sec": round(model_ips, 1),
+        "end_to_end_images_per_sec": round(e2e_ips, 1), "ratio_end_to_end_over_model": round(e2e_ips / model_ips, 3),
+        "peak_memory_mb": round(_peak_memory_mb(), 1), "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "torch": torch.__version__,
+    }
+
+
+def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100, warmup: int = 10,
+                   device: str = "cpu", methods: list[str] | None = None, dataset: str = "fashion-mnist",
+                   precision: str = "32", as_json: bool = False) -> list[dict[str, Any]]:
+    """Run :func:`bench_setting` for each method x backbone. ``small_resnet`` runs on ``dataset``; torchvision
+    ResNets run on 3x32x32 synthetic images with the CIFAR stem (the CIFAR setting)."""
+    records = []
+    for method in methods or ["simclr"]:
+        for backbone in backbones:
+            ds = dataset if backbone == "small_resnet" else "synthetic"
+            r = bench_setting(backbone, method, ds, batch_size, steps, warmup, device, precision)
+            records.append(r)
+            if not as_json:
+                print(f"{method:8s} {backbone:13s} {ds:14s} views {r['views_images_per_sec']:9.0f}/s  "
+                      f"model {r['model_images_per_sec']:7.0f}/s  end-to-end {r['end_to_end_images_per_sec']:7.0f}/s"
+                      f"  ratio {r['ratio_end_to_end_over_model']:.2f}  peak {r['peak_memory_mb']:.0f} MB")
+    return records

@@ -1,0 +1,343 @@
+"""Run configuration: typed dataclasses, YAML presets and ``key=value`` overrides.
+
+A run is described by one :class:`Config` made of sections (``data``, ``views``, ``model``, ``method``, ``optim``,
+``train``, ``eval``). ``contrastkit train configs/x.yaml optim.lr=0.5 method.loss=dcl`` loads the YAML file over
+the defaults, then applies the overrides. Unknown keys and values of the wrong type or outside their range are
+refused with a :class:`~contrastkit.errors.ConfigError` that names the key.
+
+Learning-rate scaling rule (``optim.lr_scaling``): the configured ``optim.lr`` is the learning rate for a global
+batch of ``optim.reference_batch_size`` (default 256) and is scaled to the actual global batch
+``B = batch_size * devices * num_nodes * accumulate_grad_batches``:
+
+- ``linear``: ``lr * B / 256`` (Goyal et al. 2017, https://arxiv.org/abs/1706.02677; SimCLR with SGD/LARS)
+- ``sqrt``: ``lr * sqrt(B / 256)`` (SimCLR's choice with LARS at large batch, appendix B.1)
+- ``none``: ``lr`` as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from contrastkit.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Which dataset to train on and which labelled splits the kNN monitor uses."""
+
+    name: str = "fashion-mnist"  #: dataset name (see ``contrastkit.data.available_datasets()``)
+    root: str | None = None  #: dataset path; None = the dataset's default location (Fashion-MNIST: Debian package)
+    train_split: str = "train"  #: split used for self-supervised training (labels are not used)
+    monitor_bank_split: str | None = "train"  #: labelled split used as the kNN memory bank (None: no kNN monitor)
+    monitor_query_split: str | None = "test"  #: labelled split whose kNN accuracy is monitored
+    monitor_bank_size: int = 0  #: >0: use a fixed random subset of that many bank images (faster monitor)
+    image_size: int | None = None  #: imagefolder: decode-and-resize size; others: None (native size)
+    options: dict[str, Any] = field(default_factory=dict)  #: extra dataset options (e.g. synthetic ``n``)
+
+
+@dataclass
+class ViewsConfig:
+    """Augmentation policy of each view (see :mod:`contrastkit.augment`)."""
+
+    preset: str = "simclr"  #: policy preset: simclr, byol, weak, gray
+    num_views: int = 2  #: number of views per image
+    crop_size: int | None = None  #: output size; None = the dataset's image size
+    overrides: list[dict[str, Any]] = field(default_factory=list)  #: per-view field overrides, e.g. [{blur_prob: 1.0}, {}]
+    common: dict[str, Any] = field(default_factory=dict)  #: field overrides applied to every view
+
+
+@dataclass
+class ModelConfig:
+    """Backbone (see :func:`contrastkit.models.build_backbone`)."""
+
+    backbone: str = "small_resnet"  #: small_resnet, resnet18, resnet50
+    cifar_stem: bool = False  #: 3x3 stride-1 first conv and no max-pool (torchvision ResNets)
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128, 256])  #: small_resnet stage widths
+    blocks: int = 1  #: small_resnet blocks per stage
+    stem_stride: int = 2  #: small_resnet stem stride
+    channels_last: bool = False  #: use channels-last memory format (faster convs on recent GPUs)
+
+
+@dataclass
+class MethodConfig:
+    """The SSL method, its loss and its heads. Fields marked with a method name are read by that method only."""
+
+    name: str = "simclr"  #: simclr, moco, nnclr, byol, barlow (see contrastkit.methods.METHODS)
+    loss: str = "dcl"  #: contrastive loss of simclr/moco/nnclr: infonce, dcl, dclw
+    temperature: float = 0.1  #: softmax temperature of the contrastive loss
+    sigma: float = 0.5  #: DCLW weighting temperature
+    proj_hidden_dim: int = 512  #: projector hidden width
+    proj_out_dim: int = 128  #: projector output (embedding) width
+    proj_layers: int = 2  #: projector Linear layers
+    proj_hidden_bn: bool = True  #: BN in the projector's hidden layers
+    proj_last_bn: bool = False  #: BN after the projector's last layer
+    pred_hidden_dim: int = 512  #: byol/nnclr: predictor hidden width (output = proj_out_dim)
+    queue_size: int = 16384  #: moco/nnclr: memory queue length (keys / support set)
+    momentum_base: float = 0.99  #: moco/byol: EMA momentum at the start of training
+    momentum_final: float = 1.0  #: moco/byol: EMA momentum at the end (cosine schedule); = base for a fixed momentum
+    symmetric: bool = True  #: moco: symmetric loss (both views as queries)
+    shuffle_bn: str = "auto"  #: moco: BN leakage fix: auto, shuffle, sync, none (see contrastkit.methods.moco)
+    barlow_lambda: float = 0.0051  #: barlow: weight of the off-diagonal terms
+    barlow_scale: float = 0.1  #: barlow: loss scale (solo-learn's CIFAR recipe: 0.1)
+    gather_distributed: bool = True  #: negatives (and queue keys) from all processes under DDP
+    options: dict[str, Any] = field(default_factory=dict)  #: extra method-specific options
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser, schedule and learning-rate scaling."""
+
+    name: str = "sgd"  #: sgd, lars, adamw
+    lr: float = 0.3  #: learning rate at the reference batch size (scaled by lr_scaling)
+    lr_scaling: str = "linear"  #: linear, sqrt, none (see module docstring)
+    reference_batch_size: int = 256  #: batch size at which ``lr`` is given
+    weight_decay: float = 5e-4  #: weight decay (never applied to BN parameters and biases)
+    momentum: float = 0.9  #: SGD/LARS momentum
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  #: AdamW betas
+    lars_eta: float = 0.02  #: LARS trust coefficient
+    warmup_epochs: float = 1.0  #: linear warm-up length in epochs (per-step schedule)
+    warmup_start_factor: float = 0.0  #: warm-up starts at this fraction of the peak lr
+    min_lr_factor: float = 0.0  #: cosine decays to this fraction of the peak lr
+    batch_size: int = 256  #: per-process batch size
+    accumulate_grad_batches: int = 1  #: gradient accumulation steps
+    gradient_clip_val: float = 0.0  #: >0: clip the gradient norm
+    predictor_lr_factor: float = 1.0  #: learning-rate multiplier of the parameter group "predictor" (BYOL/NNCLR use 1 or 10)
+
+
+@dataclass
+class TrainConfig:
+    """Trainer, devices, precision, logging and checkpointing (Lightning)."""
+
+    epochs: int = 10  #: training epochs (the schedule length)
+    accelerator: str = "auto"  #: cpu, gpu, auto
+    devices: Any = "auto"  #: devices per node (int or "auto")
+    num_nodes: int = 1  #: nodes (Lightning launchers: torchrun, SLURM)
+    strategy: str = "auto"  #: auto, ddp, ddp_spawn, ...
+    precision: str = "32-true"  #: 32-true (alias 32), bf16-mixed, 16-mixed
+    sync_batchnorm: bool = False  #: convert BN to SyncBatchNorm under DDP
+    run_dir: str = "runs/default"  #: where checkpoints, logs and results go
+    resume: str | None = None  #: checkpoint to resume from ("last" = run_dir/checkpoints/last.ckpt)
+    seed: int = 0  #: global seed (weights, sampling, augmentation)
+    log_every_n_steps: int = 20  #: logging interval
+    knn_every_n_epochs: int = 1  #: kNN monitor interval (0 = off)
+    knn_k: int = 200  #: kNN monitor neighbours
+    knn_temperature: float = 0.1  #: kNN monitor temperature
+    progress_bar: bool = True  #: show the progress bar
+    max_steps: int = -1  #: >0: stop after this many optimizer steps (smoke runs); the schedule still spans ``epochs``
+    compile: bool = False  #: torch.compile the backbone
+    num_threads: int = 0  #: >0: torch.set_num_threads on CPU
+
+
+@dataclass
+class EvalConfig:
+    """Final evaluation run after training."""
+
+    knn: bool = True  #: final kNN (train.knn_k, train.knn_temperature) on the monitor splits
+    baselines: bool = False  #: also report kNN of the random-init backbone and of raw pixels
+    linear: bool = False  #: final linear probe on frozen features (slower)
+    linear_epochs: int = 100  #: linear probe epochs
+    batch_size: int = 512  #: feature extraction batch size
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Config:
+        """Check values and ranges; raise :class:`ConfigError` naming the key."""
+        from contrastkit.losses import LOSSES
+
+        _check(self.method.loss in LOSSES, "method.loss", self.method.loss, "one of " + ", ".join(sorted(LOSSES)))
+        _check(self.method.queue_size >= 1, "method.queue_size", self.method.queue_size, ">= 1")
+        _check(0 <= self.method.momentum_base <= 1, "method.momentum_base", self.method.momentum_base, "in [0, 1]")
+        _check(0 <= self.method.momentum_final <= 1, "method.momentum_final", self.method.momentum_final,
+               "in [0, 1]")
+        _check(self.method.shuffle_bn in ("auto", "shuffle", "sync", "none"), "method.shuffle_bn",
+               self.method.shuffle_bn, "one of auto, shuffle, sync, none")
+        _check(self.method.temperature > 0, "method.temperature", self.method.temperature, "> 0")
+        _check(self.method.sigma > 0, "method.sigma", self.method.sigma, "> 0")
+        _check(self.optim.name in ("sgd", "lars", "adamw"), "optim.name", self.optim.name, "one of sgd, lars, adamw")
+        _check(self.optim.lr > 0 and math.isfinite(self.optim.lr), "optim.lr", self.optim.lr, "a finite number > 0")
+        _check(self.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", self.optim.lr_scaling,
+               "one of linear, sqrt, none")
+        _check(self.optim.weight_decay >= 0, "optim.weight_decay", self.optim.weight_decay, ">= 0")
+        _check(self.optim.batch_size >= 2, "optim.batch_size", self.optim.batch_size, ">= 2")
+        _check(self.optim.reference_batch_size >= 1, "optim.reference_batch_size", self.optim.reference_batch_size, ">= 1")
+        _check(self.optim.accumulate_grad_batches >= 1, "optim.accumulate_grad_batches",
+               self.optim.accumulate_grad_batches, ">= 1")
+        _check(0 <= self.optim.warmup_epochs, "optim.warmup_epochs", self.optim.warmup_epochs, ">= 0")
+        _check(0 <= self.optim.min_lr_factor <= 1, "optim.min_lr_factor", self.optim.min_lr_factor, "in [0, 1]")
+        _check(0 <= self.optim.warmup_start_factor <= 1, "optim.warmup_start_factor",
+               self.optim.warmup_start_factor, "in [0, 1]")
+        _check(self.train.epochs >= 1, "train.epochs", self.train.epochs, ">= 1")
+        _check(self.views.num_views >= 2, "views.num_views", self.views.num_views, ">= 2")
+        _check(self.views.crop_size is None or self.views.crop_size >= 8, "views.crop_size", self.views.crop_size,
+               ">= 8 or null")
+        precisions = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+        _check(str(self.train.precision) in precisions, "train.precision", self.train.precision,
+               "one of " + ", ".join(precisions))
+        _check(self.train.knn_k >= 1, "train.knn_k", self.train.knn_k, ">= 1")
+        _check(self.train.knn_temperature > 0, "train.knn_temperature", self.train.knn_temperature, "> 0")
+        _check(self.model.stem_stride in (1, 2), "model.stem_stride", self.model.stem_stride, "1 or 2")
+        return self
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value {value!r} for {key}: expected {expected}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading and overriding
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to the annotated type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"invalid value {value!r} for {key}: expected {tp}")
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"invalid value {value!r} for {key}: expected a list like [1, 2]")
+        return [_coerce(v, inner, key) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid value {value!r} for {key}: expected a mapping like {{a: 1}}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"invalid value {value!r} for {key}: expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"invalid value {value!r} for {key}: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"invalid value {value!r} for {key}: expected a number")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"invalid value {value!r} for {key}: expected a string")
+    return value
+
+
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        if len(parts) == 1 and parts[0] in _section_types(Config):
+            if not isinstance(value, dict):
+                raise ConfigError(f"invalid value for section {key!r}: expected a mapping")
+            for k, v in value.items():
+                _apply(cfg, f"{key}.{k}", v)
+            return
+        raise ConfigError(f"unknown config key {key!r}: keys look like section.name, e.g. optim.lr")
+    section, name = parts
+    sections = _section_types(Config)
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r} in {key!r}; sections: {', '.join(sections)}")
+    sec = getattr(cfg, section)
+    hints = _section_types(type(sec))
+    if name not in hints:
+        raise ConfigError(
+            f"unknown config key {key!r}; valid keys in {section}: {', '.join(sorted(hints))}"
+        )
+    setattr(sec, name, _coerce(value, hints[name], key))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key=value`` (value read as YAML: ``0.1``, ``true``, ``[1, 2]``, ``null``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. optim.lr=0.5)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file ``path`` (if any), then ``key=value`` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found; presets are in configs/ (e.g. configs/fmnist_simclr_dcl.yaml)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must be a mapping of sections")
+        for section, values in data.items():
+            _apply(cfg, str(section), values)
+    for text in overrides or []:
+        _apply(cfg, *parse_override(text))
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a :class:`Config` from :meth:`Config.to_dict` output (e.g. a checkpoint's hyper-parameters)."""
+    cfg = Config()
+    for section, values in data.items():
+        _apply(cfg, section, values)
+    return cfg.validate()
+
+
+def scaled_lr(cfg: Config, world_size: int) -> float:
+    """The peak learning rate after the batch-size scaling rule (see module docstring)."""
+    global_batch = cfg.optim.batch_size * world_size * cfg.optim.accumulate_grad_batches
+    ratio = global_batch / cfg.optim.reference_batch_size
+    if cfg.optim.lr_scaling == "linear":
+        return cfg.optim.lr * ratio
+    if cfg.optim.lr_scaling == "sqrt":
+        return cfg.optim.lr * math.sqrt(ratio)
+    return cfg.optim.lr
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,79 @@
+"""The method interface that the training loop drives.
+
+A method is an ``nn.Module`` that owns a backbone and whatever heads, momentum encoders, queues and losses it
+needs, and turns a list of augmented views into a loss. The Lightning module in :mod:`contrastkit.training` does
+everything else (data, views, optimisation, logging, checkpoints), so a method reads as a short composition of
+shared parts (:mod:`contrastkit.models`, :mod:`contrastkit.losses`).
+
+Contract:
+
+- ``forward_loss(views, progress) -> dict``: ``views`` is a list of ``B x C x h x w`` float tensors (one per view,
+  already augmented and normalised); ``progress`` in ``[0, 1]`` is the fraction of training done (for schedules such
+  as a momentum that rises to 1). Returns a dict with the scalar ``"loss"`` and any other scalars to log.
+- ``after_optimizer_step(progress)``: called once per optimizer step (after gradient accumulation), for EMA
+  teachers and similar updates. Default: nothing.
+- ``parameter_groups() -> list[ParamGroup]``: named groups with a learning-rate factor (e.g. a predictor at 10x).
+  Every trainable parameter appears in exactly one group; the trainer splits each group further into weight-decay /
+  no-weight-decay parts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from contrastkit.config import MethodConfig
+
+
+@dataclass
+class ParamGroup:
+    """A named set of parameters with a learning-rate multiplier."""
+
+    name: str
+    params: list[nn.Parameter]
+    lr_factor: float = 1.0
+
+
+class SSLMethod(nn.Module):
+    """Base class of the self-supervised methods.
+
+    Args:
+        backbone: maps ``B x C x H x W`` images to ``B x feature_dim`` features.
+        feature_dim: the backbone's output width.
+        cfg: the method section of the run configuration.
+    """
+
+    def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.feature_dim = feature_dim
+        self.cfg = cfg
+
+    def encode_views(self, views: list[torch.Tensor], encoder: nn.Module | None = None) -> list[torch.Tensor]:
+        """Run ``encoder`` (default: the backbone) on every view, in one batch per crop size.
+
+        Views of the same size are concatenated so that one forward pass serves them all (faster, and BatchNorm
+        sees all views together, as in SimCLR's implementation).
+        """
+        encoder = self.backbone if encoder is None else encoder
+        out: list[torch.Tensor | None] = [None] * len(views)
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, v in enumerate(views):
+            by_size.setdefault(tuple(v.shape[1:]), []).append(i)
+        for idx in by_size.values():
+            feats = encoder(torch.cat([views[i] for i in idx]))  # (len(idx)*B) x D
+            for i, f in zip(idx, feats.chunk(len(idx))):
+                out[i] = f
+        return out  # type: ignore[return-value]
+
+    def forward_loss(self, views: list[torch.Tensor], progress: float) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, progress: float) -> None:
+        """Hook called once per optimizer step (EMA updates and the like)."""
+
+    def parameter_groups(self) -> list[ParamGroup]:
+        """Default: one group with every trainable parameter."""
+        return [ParamGroup("all", [p for p in self.parameters() if p.requires_grad])]

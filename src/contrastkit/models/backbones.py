@@ -1,0 +1,127 @@
+"""Backbones: torchvision ResNets (with an optional CIFAR stem) and a small, fast ResNet for CPU work.
+
+Every backbone maps ``B x C x H x W`` images to ``B x D`` features (global average pooled, no classifier), and
+:func:`build_backbone` returns it together with ``D``.
+
+- ``resnet18`` / ``resnet50``: ``torchvision.models.resnet18/50(weights=None)`` with the classifier replaced by
+  ``nn.Identity``, any number of input channels, and ``cifar_stem=True`` for 32 px inputs (3x3 stride-1 first conv,
+  no max-pool), as in SimCLR's CIFAR experiments (https://arxiv.org/abs/2002.05709, appendix B.9) and solo-learn.
+  The state dict keys are torchvision's, so an exported backbone loads into ``torchvision.models.resnet18()``
+  (with the same stem change) without contrastkit.
+- ``small_resnet``: a width-scaled pre-activation-free ResNet with ``len(widths)`` stages of ``blocks`` basic
+  blocks each (default widths 32-64-128-256, one block per stage, stride 2 from the second stage on). It is our CPU
+  backbone: at 28 px it trains SimCLR on Fashion-MNIST at about a minute per epoch on 2 cores (see
+  docs/benchmarks.md). Written by hand because torchvision has no ResNet with configurable stage widths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchvision
+from torch import nn
+
+from contrastkit.errors import ConfigError
+
+BACKBONES = ("small_resnet", "resnet18", "resnet50")
+
+
+class BasicBlock(nn.Module):
+    """3x3-3x3 residual block (He et al. 2016, https://arxiv.org/abs/1512.03385) with a 1x1 projection shortcut
+    when the shape changes."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A small ResNet for CPU training on 28-64 px images.
+
+    Args:
+        in_channels: input channels (1 for Fashion-MNIST, 3 for RGB). Default 3.
+        widths: output channels of each stage. Default (32, 64, 128, 256).
+        blocks: basic blocks per stage. Default 1.
+        stem_stride: stride of the 3x3 stem conv. Default 1 (keeps 28 px resolution in the first stage).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        widths: Sequence[int] = (32, 64, 128, 256),
+        blocks: int = 1,
+        stem_stride: int = 1,
+    ) -> None:
+        super().__init__()
+        if not widths or blocks < 1:
+            raise ConfigError("model.widths must be non-empty and model.blocks >= 1")
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, widths[0], 3, stem_stride, 1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(inplace=True),
+        )
+        layers: list[nn.Module] = []
+        in_ch = widths[0]
+        for i, w in enumerate(widths):
+            for b in range(blocks):
+                layers.append(BasicBlock(in_ch, w, stride=2 if (i > 0 and b == 0) else 1))
+                in_ch = w
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layers(self.stem(x))  # B x W x h x w
+        return torch.flatten(self.pool(x), 1)  # B x W
+
+
+def _torchvision_resnet(name: str, in_channels: int, cifar_stem: bool) -> tuple[nn.Module, int]:
+    model = getattr(torchvision.models, name)(weights=None)
+    if cifar_stem:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, dim
+
+
+def build_backbone(
+    name: str = "small_resnet",
+    in_channels: int = 3,
+    cifar_stem: bool = False,
+    widths: Sequence[int] = (32, 64, 128, 256),
+    blocks: int = 1,
+    stem_stride: int = 2,
+) -> tuple[nn.Module, int]:
+    """Build a backbone by name and return ``(module, feature_dim)``.
+
+    Args:
+        name: one of ``small_resnet``, ``resnet18``, ``resnet50``.
+        in_channels: input image channels.
+        cifar_stem: for torchvision ResNets, replace the 7x7/2 conv and max-pool by a 3x3/1 conv (small images).
+        widths, blocks, stem_stride: ``small_resnet`` only (see :class:`SmallResNet`).
+    """
+    if in_channels < 1:
+        raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
+    if name == "small_resnet":
+        net = SmallResNet(in_channels, widths, blocks, stem_stride)
+        return net, net.out_dim
+    if name in ("resnet18", "resnet50"):
+        return _torchvision_resnet(name, in_channels, cifar_stem)
+    raise ConfigError(f"unknown model.backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -1,0 +1,224 @@
+"""The Lightning module that trains any :class:`~contrastkit.methods.base.SSLMethod`.
+
+Data path (the airbench way): the whole training set lives on the training device as a ``N x C x H x W`` uint8
+tensor; the DataLoader only yields batches of indices (a :class:`torch.utils.data.DistributedSampler`, so every
+epoch's order is a function of ``(seed, epoch)`` and DDP ranks get disjoint shards). The module gathers the
+images of a batch on the device and makes the views there with the batched
+:class:`~contrastkit.augment.ViewGenerator`; no worker processes compete with the model for the CPU.
+
+Randomness is checkpointed: the augmentation generator, torch's CPU/CUDA generators, so that ``--resume``
+continues exactly as an uninterrupted run (see tests/test_training.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from contrastkit.augment import ViewGenerator, policy_preset
+from contrastkit.augment.views import ViewPolicy
+from contrastkit.config import Config, config_from_dict, scaled_lr
+from contrastkit.errors import ConfigError, ContrastkitError
+from contrastkit.methods import SSLMethod, build_method
+from contrastkit.models import build_backbone
+from contrastkit.training.optim import build_optimizer, warmup_cosine
+
+
+class IndexDataset(Dataset):
+    """``range(n)`` as a dataset: the loader yields index batches, the images stay on the device."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        return torch.as_tensor(indices, dtype=torch.long)
+
+
+def _identity_collate(batch: torch.Tensor) -> torch.Tensor:
+    return batch
+
+
+def index_loader(n: int, batch_size: int, seed: int, num_replicas: int, rank: int) -> DataLoader:
+    """Deterministic shuffled index batches; each rank gets ``n // num_replicas`` indices, last partial batch dropped."""
+    sampler = DistributedSampler(
+        IndexDataset(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+    )
+    return DataLoader(
+        IndexDataset(n), batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=0,
+        collate_fn=_identity_collate,
+    )
+
+
+def build_view_policies(cfg: Config, image_size: int) -> list[ViewPolicy]:
+    """The per-view augmentation policies of the run: the preset, then common and per-view overrides."""
+    crop = cfg.views.crop_size or image_size
+    policies = policy_preset(cfg.views.preset, crop, cfg.views.num_views)
+    if cfg.views.overrides and len(cfg.views.overrides) != cfg.views.num_views:
+        raise ConfigError(
+            f"views.overrides has {len(cfg.views.overrides)} entries but views.num_views is {cfg.views.num_views}; "
+            "give one mapping per view (use {} for no change)"
+        )
+    out = []
+    for i, p in enumerate(policies):
+        fields = {**cfg.views.common, **(cfg.views.overrides[i] if cfg.views.overrides else {})}
+        for k, v in fields.items():
+            if not hasattr(p, k):
+                raise ConfigError(f"unknown view policy field {k!r} in views.common/views.overrides")
+            setattr(p, k, tuple(v) if isinstance(v, list) else v)
+        p.validate()
+        out.append(p)
+    return out
+
+
+class SSLModule(L.LightningModule):
+    """Trains ``method`` on device-resident uint8 images with batched on-device views.
+
+    Args:
+        config: the run configuration (saved in checkpoints as a plain dict).
+        in_channels: image channels of the dataset.
+        image_size: image side of the dataset (default crop size).
+        mean, std: per-channel normalisation in [0, 1] pixel units.
+        steps_per_epoch: optimizer steps per epoch (for the per-step schedule and ``progress``).
+        world_size: number of training processes (for the learning-rate scaling rule).
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        in_channels: int,
+        image_size: int,
+        mean: list[float],
+        std: list[float],
+        steps_per_epoch: int,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg: Config = config_from_dict(config)
+        cfg = self.cfg
+        backbone, dim = build_backbone(
+            cfg.model.backbone, in_channels, cfg.model.cifar_stem, cfg.model.widths, cfg.model.blocks,
+            stem_stride=cfg.model.stem_stride,
+        )
+        if cfg.model.channels_last:
+            backbone = backbone.to(memory_format=torch.channels_last)
+        self.method: SSLMethod = build_method(backbone, dim, cfg.method)
+        self.views = ViewGenerator(build_view_policies(cfg, image_size), mean, std)
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = steps_per_epoch * cfg.train.epochs
+        self.peak_lr = scaled_lr(cfg, world_size)
+        self.images: torch.Tensor | None = None  # N x C x H x W uint8, set by attach_images()
+        self._aug_gen: torch.Generator | None = None
+        self._aug_gen_state: torch.Tensor | None = None
+        self._t_last: float | None = None
+
+    # ----------------------------------------------------------------------------------------------------- data
+    def attach_images(self, images: torch.Tensor) -> None:
+        """The training images (uint8 ``N x C x H x W``); moved to the device when training starts."""
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ContrastkitError("training images must be a uint8 N x C x H x W tensor")
+        self.images = images
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.method.backbone
+
+    def on_fit_start(self) -> None:
+        if self.images is None:
+            raise ContrastkitError("no training images attached: call module.attach_images(images) first")
+        if self.images.device != self.device:
+            self.images = self.images.to(self.device, non_blocking=True)
+        self._aug_gen = torch.Generator(device=self.device)
+        self._aug_gen.manual_seed(self.cfg.train.seed * 1000003 + self.global_rank)
+        if self._aug_gen_state is not None:  # restored from a checkpoint
+            self._aug_gen.set_state(self._aug_gen_state)
+            self._aug_gen_state = None
+
+    # ------------------------------------------------------------------------------------------------- training
+    def progress(self) -> float:
+        return min(1.0, self.global_step / max(1, self.total_steps))
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        assert self.images is not None
+        imgs = self.images[batch]  # B x C x H x W uint8, on the device
+        with torch.no_grad():
+            views = self.views(imgs, generator=self._aug_gen)  # V x (B x C x h x w)
+        if self.cfg.model.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        out = self.method.forward_loss(views, self.progress())
+        loss = out["loss"]
+        if not torch.isfinite(loss.detach()):
+            raise ContrastkitError(
+                f"the loss diverged (value {loss.item()}) at step {self.global_step}: lower optim.lr, raise "
+                "method.temperature, or use train.precision=32; no checkpoint was written for this step"
+            )
+        bs = imgs.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for k, v in out.items():
+            if k != "loss":
+                self.log(f"train/{k}", v, batch_size=bs)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            ips = bs * self.trainer.world_size / max(1e-9, now - self._t_last)
+            self.log("train/images_per_sec", ips, prog_bar=True, batch_size=bs)
+        self._t_last = now
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._t_last = None
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.method.after_optimizer_step(self.progress())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        if isinstance(opt, list):
+            opt = opt[0]
+        self.log("train/lr", opt.param_groups[0]["lr"], batch_size=1)
+
+    def configure_optimizers(self) -> Any:
+        groups = self.method.parameter_groups()
+        optimizer = build_optimizer(groups, self.cfg.optim, self.peak_lr)
+        warmup = int(round(self.cfg.optim.warmup_epochs * self.steps_per_epoch))
+        schedule = warmup_cosine(self.total_steps, warmup, self.cfg.optim.warmup_start_factor,
+                                 self.cfg.optim.min_lr_factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---------------------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self._aug_gen is not None:
+            rng["augment"] = self._aug_gen.get_state()
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["contrastkit_rng"] = rng
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("contrastkit_rng")
+        if not rng:
+            return
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        if "augment" in rng:
+            self._aug_gen_state = rng["augment"]
+
+
+def steps_per_epoch(num_images: int, batch_size: int, world_size: int, accumulate: int) -> int:
+    """Optimizer steps per epoch with drop_last sharding."""
+    per_rank = num_images // world_size
+    batches = per_rank // batch_size
+    return max(0, math.ceil(batches / accumulate))
