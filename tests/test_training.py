@@ -18,14 +18,18 @@ pytestmark = pytest.mark.slow
 
 
 def test_short_training_beats_random_init(tiny_overrides):
-    cfg = load_config(None, tiny_overrides + ["train.epochs=6", "eval.baselines=true", "optim.warmup_epochs=1",
-                                               "data.options={n: 1024, channels: 3}"])
+    # Grey synthetic shapes at half nuisance: a task a ~15 s run learns (measured: 63% vs 40% for random init).
+    cfg = load_config(None, tiny_overrides + [
+        "data.image_size=32", "data.options={n: 2048, channels: 1, num_classes: 5, nuisance: 0.5}",
+        "views.preset=gray", "views.common={}", "model.widths=[16, 32, 64]", "model.stem_stride=2",
+        "method.proj_hidden_dim=128", "method.proj_out_dim=64", "optim.lr=0.3", "train.epochs=6",
+        "eval.baselines=true"])
     res = train(cfg)
     m = res.metrics
-    assert m["steps"] == 6 * (1024 // 64)
+    assert m["steps"] == 6 * (2048 // 64)
     assert len(m["knn_history"]) == 6
-    # the trained backbone must beat the same architecture at its random initialisation
-    assert m["knn_top1"] > m["random_init_knn"]["top1"] + 3.0, m
+    # the trained backbone must clearly beat the same architecture at its random initialisation
+    assert m["knn_top1"] > m["random_init_knn"]["top1"] + 10.0, m
     saved = json.loads((res.run_dir / "results.json").read_text())
     assert saved["knn_top1"] == m["knn_top1"]
     assert (res.run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -16,8 +16,8 @@ import torch
 from contrastkit.errors import ContrastkitError
 
 
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict with ``weights_only=True``; one-line errors for missing, corrupt or unsafe files."""
+def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors for missing, corrupt or unsafe files."""
     p = Path(path)
     if not p.is_file():
         raise ContrastkitError(f"checkpoint {str(p)!r} not found; checkpoints are in RUN_DIR/checkpoints/")
@@ -34,6 +34,13 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
             f"checkpoint {str(p)!r} is corrupt or truncated ({type(e).__name__}); use another checkpoint, "
             "e.g. an earlier epoch in the same folder"
         ) from None
+    return ckpt
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a training checkpoint (a dict with a ``state_dict``) safely, see :func:`safe_load`."""
+    p = Path(path)
+    ckpt = safe_load(p, map_location)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise ContrastkitError(f"{str(p)!r} is not a contrastkit checkpoint (no state_dict)")
     return ckpt

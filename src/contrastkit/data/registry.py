@@ -46,7 +46,7 @@ _DATASETS: dict[str, _Dataset] = {
     "synthetic": _Dataset(
         lambda root, split, size, **options: load_synthetic(split, size, **options),
         ("train", "test"),
-        {"n": None, "channels": 3, "num_classes": 10, "seed": 0},
+        {"n": None, "channels": 3, "num_classes": 10, "seed": 0, "nuisance": 1.0},
         uses_root=False,
     ),
 }

@@ -42,7 +42,7 @@ def _uniform(g: torch.Generator, n: int, low: float, high: float) -> torch.Tenso
     return low + (high - low) * torch.rand(n, generator=g)
 
 
-def render(labels: torch.Tensor, size: int, channels: int, g: torch.Generator) -> torch.Tensor:
+def render(labels: torch.Tensor, size: int, channels: int, g: torch.Generator, nuisance: float = 1.0) -> torch.Tensor:
     """Render one image per label (labels in ``0..MAX_CLASSES-1``).
 
     Args:
@@ -50,23 +50,30 @@ def render(labels: torch.Tensor, size: int, channels: int, g: torch.Generator) -
         size: image side S.
         channels: 1 or 3.
         g: random generator (consumed in a fixed order, so the output is deterministic for a generator state).
+        nuisance: in [0, 1], scales the per-image nuisances (position and size ranges, contrast-polarity swaps,
+            colour offsets, background field, noise) around their mid values. Default 1 (full difficulty).
 
     Returns:
         ``B x C x S x S`` uint8 images.
     """
     b = len(labels)
     # Per-image nuisance parameters, each B.
-    cx = _uniform(g, b, 0.3, 0.7) * size
-    cy = _uniform(g, b, 0.3, 0.7) * size
-    radius = _uniform(g, b, 0.2, 0.38) * size
+    k = float(nuisance)
+
+    def around(mid: float, half: float) -> torch.Tensor:  # uniform in mid +- half * nuisance, B
+        return _uniform(g, b, mid - half * k, mid + half * k)
+
+    cx = around(0.5, 0.2) * size
+    cy = around(0.5, 0.2) * size
+    radius = around(0.29, 0.09) * size
     angle = _uniform(g, b, 0.0, 2 * math.pi)
-    bg_lum = _uniform(g, b, 0.1, 0.5)
-    fg_lum = bg_lum + _uniform(g, b, 0.3, 0.5)
-    swap = torch.rand(b, generator=g) < 0.5  # half the shapes darker than their background
+    bg_lum = around(0.3, 0.2)
+    fg_lum = bg_lum + around(0.4, 0.1)
+    swap = torch.rand(b, generator=g) < 0.5 * k  # (with k = 1) half the shapes darker than their background
     bg_lum, fg_lum = torch.where(swap, fg_lum, bg_lum), torch.where(swap, bg_lum, fg_lum)
-    bg = bg_lum[:, None] + _uniform(g, b * channels, -0.2, 0.2).view(b, channels) * (channels > 1)  # B x C
-    fg = fg_lum[:, None] + _uniform(g, b * channels, -0.2, 0.2).view(b, channels) * (channels > 1)  # B x C
-    field = torch.randn(b, channels, 4, 4, generator=g) * 0.08  # B x C x 4 x 4, smooth background variation
+    bg = bg_lum[:, None] + k * _uniform(g, b * channels, -0.2, 0.2).view(b, channels) * (channels > 1)  # B x C
+    fg = fg_lum[:, None] + k * _uniform(g, b * channels, -0.2, 0.2).view(b, channels) * (channels > 1)  # B x C
+    field = torch.randn(b, channels, 4, 4, generator=g) * (0.08 * k)  # B x C x 4 x 4, smooth background variation
     noise = torch.rand(b, channels, size, size, generator=g)  # B x C x S x S, uniform, scaled below
 
     # Polar coordinates of every pixel centre around each shape's centre: B x S x S.
@@ -103,7 +110,7 @@ def render(labels: torch.Tensor, size: int, channels: int, g: torch.Generator) -
     background = ramp @ (field + bg.view(b, channels, 1, 1)) @ ramp.T  # B x C x S x S (rows of ramp sum to 1)
     # Blend in 0..255 units: background + alpha * (fg - background) + uniform noise of std ~0.05 * 255.
     image = torch.lerp(background, fg.view(b, channels, 1, 1).expand_as(background), alpha)
-    image = image.mul_(255).add_(noise.sub_(0.5).mul_(_NOISE * 255 * math.sqrt(12)))
+    image = image.mul_(255).add_(noise.sub_(0.5).mul_(k * _NOISE * 255 * math.sqrt(12)))
     return image.round_().clamp_(0, 255).to(torch.uint8)
 
 
@@ -115,6 +122,7 @@ def load_synthetic(
     channels: int = 3,
     num_classes: int = 10,
     seed: int = 0,
+    nuisance: float = 1.0,
 ) -> ImageTensors:
     """Generate a synthetic split (see the module docstring).
 
@@ -127,6 +135,9 @@ def load_synthetic(
             ``FILLS[k // 5]``. Default 10 (5 outlines x {solid, bullseye}).
         seed: base seed (an int >= 0). Default 0. The split's generator is seeded with ``2 * seed`` (train) or
             ``2 * seed + 1`` (test).
+        nuisance: difficulty in [0, 1]: scales the random position/size/polarity/colour/background/noise
+            nuisances (see :func:`render`); rotation stays random. Default 1. Lower values (e.g. 0.25) give a
+            task that a short self-supervised run learns, used by the training tests.
 
     Returns:
         images ``n x C x S x S`` uint8, labels ``n`` int64 balanced over the classes (counts differ by at most one,
@@ -139,12 +150,14 @@ def load_synthetic(
         raise DataError("option channels must be 1 (greyscale) or 3 (RGB), got 2")
     num_classes = check_int("num_classes", num_classes, 1, MAX_CLASSES)
     seed = check_int("seed", seed, 0, 2**62)
+    if isinstance(nuisance, bool) or not isinstance(nuisance, (int, float)) or not 0 <= nuisance <= 1:
+        raise DataError(f"option nuisance must be a number in [0, 1], got {nuisance!r}")
 
     g = torch.Generator().manual_seed(2 * seed + SPLITS.index(split))
     labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]  # n, balanced
     images = torch.empty((n, channels, size, size), dtype=torch.uint8)  # n x C x S x S
     chunk = max(64, (1 << 20) // (size * size))
     for start in range(0, n, chunk):
-        images[start : start + chunk] = render(labels[start : start + chunk], size, channels, g)
+        images[start : start + chunk] = render(labels[start : start + chunk], size, channels, g, float(nuisance))
     classes = [f"{SHAPES[k % len(SHAPES)]}/{FILLS[k // len(SHAPES)]}" for k in range(num_classes)]
     return ImageTensors(images, labels, classes, f"synthetic/{split}")

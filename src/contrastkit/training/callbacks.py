@@ -31,9 +31,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        from contrastkit.checkpoint import load_checkpoint_file
+        from contrastkit.checkpoint import safe_load
 
-        return load_checkpoint_file(path, map_location=map_location or "cpu")
+        return safe_load(path, map_location=map_location or "cpu")
 
 
 class TrainClock(L.Callback):
