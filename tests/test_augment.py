@@ -104,6 +104,17 @@ def test_global_rng_and_inputs_untouched() -> None:
     assert torch.equal(images, before)  # the pipeline works in place only on its own buffers
 
 
+def test_autocast_region_does_not_change_the_views() -> None:
+    images = _images(4, 3, 16)
+    gen = ViewGenerator(policy_preset("byol", 16), mean=(0.5,) * 3, std=(0.25,) * 3)
+    plain = gen(images, generator=_gen(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = gen(images, generator=_gen(0))
+    for a, b in zip(plain, mixed):
+        assert b.dtype == torch.float32
+        assert torch.equal(a, b)
+
+
 def test_same_seed_same_views_other_seed_differs() -> None:
     images = _images(8, 3, 32)
     gen = ViewGenerator(policy_preset("byol", 32), mean=(0.5,) * 3, std=(0.25,) * 3)

@@ -2,9 +2,9 @@
 
 Every function takes a float batch ``x`` (``BxCxHxW``, values in [0, 1]) and per-sample parameters as tensors with
 a leading batch dimension on ``x``'s device, and is vectorised over the batch (no Python loop over samples, no
-host synchronisation). The colour operations follow ``torchvision.transforms.v2.functional`` for float images
-(same formulas, same grayscale weights, same clamping), so a sample's result matches torchvision's for the same
-parameter up to float rounding.
+host synchronisation). The colour operations reproduce ``torchvision.transforms.v2.functional`` for float images
+(same grayscale weights and clamping; hue through an equivalent branch-free HSV formula), so a sample's result
+matches torchvision's for the same parameter up to float rounding (tested in ``tests/test_augment.py``).
 """
 
 from __future__ import annotations

@@ -202,6 +202,13 @@ def apply_view(x: Tensor, policy: ViewPolicy, params: ViewParams) -> Tensor:
     Returns:
         BxCxSxS float in [0, 1], S = ``policy.crop_size`` (not normalised), a new tensor.
     """
+    # Augmentation runs in x's dtype even inside a mixed-precision region (autocast would turn conv2d outputs into
+    # half precision mid-pipeline).
+    with torch.autocast(x.device.type, enabled=False):
+        return _apply_view(x, policy, params)
+
+
+def _apply_view(x: Tensor, policy: ViewPolicy, params: ViewParams) -> Tensor:
     channels = x.shape[1]
     y = AF.resized_crop_flip(x, params.boxes, params.flip, policy.crop_size)  # BxCxSxS, new: modified in place
     if params.jitter is not None:
