@@ -1,4 +1,5 @@
-"""Contrastive losses: InfoNCE / NT-Xent, DCL, DCLW, their functional core and distributed helpers.
+"""Contrastive losses: InfoNCE / NT-Xent, DCL, DCLW, their functional core and distributed helpers; the
+query-key (queue / support-set) variants of MoCo and NNCLR, BYOL's normalised MSE and Barlow Twins' loss.
 
 >>> from contrastkit.losses import InfoNCELoss, DCLLoss, DCLWLoss, build_loss
 """
@@ -12,9 +13,27 @@ from contrastkit.losses.contrastive import (
     contrastive_from_logits,
     dclw_weights,
 )
+from contrastkit.losses.barlow import BarlowTwinsLoss
+from contrastkit.losses.queue import (
+    QUEUE_LOSSES,
+    QueueContrastiveLoss,
+    QueueDCLLoss,
+    QueueDCLWLoss,
+    QueueInfoNCELoss,
+    build_queue_loss,
+)
+from contrastkit.losses.regression import NormalizedMSELoss
 
 __all__ = [
     "LOSSES",
+    "QUEUE_LOSSES",
+    "BarlowTwinsLoss",
+    "NormalizedMSELoss",
+    "QueueContrastiveLoss",
+    "QueueDCLLoss",
+    "QueueDCLWLoss",
+    "QueueInfoNCELoss",
+    "build_queue_loss",
     "DCLLoss",
     "DCLWLoss",
     "InfoNCELoss",

@@ -9,10 +9,20 @@ from torch import nn
 
 from contrastkit.config import MethodConfig
 from contrastkit.errors import ConfigError
+from contrastkit.methods.barlow import BarlowTwins
 from contrastkit.methods.base import ParamGroup, SSLMethod
+from contrastkit.methods.byol import BYOL
+from contrastkit.methods.moco import MoCo
+from contrastkit.methods.nnclr import NNCLR
 from contrastkit.methods.simclr import SimCLR
 
-METHODS: dict[str, type[SSLMethod]] = {"simclr": SimCLR}
+METHODS: dict[str, type[SSLMethod]] = {
+    "simclr": SimCLR,
+    "moco": MoCo,
+    "nnclr": NNCLR,
+    "byol": BYOL,
+    "barlow": BarlowTwins,
+}
 
 
 def build_method(backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> SSLMethod:
@@ -22,4 +32,4 @@ def build_method(backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> SS
     return METHODS[cfg.name](backbone, feature_dim, cfg)
 
 
-__all__ = ["METHODS", "ParamGroup", "SSLMethod", "SimCLR", "build_method"]
+__all__ = ["BYOL", "METHODS", "NNCLR", "BarlowTwins", "MoCo", "ParamGroup", "SSLMethod", "SimCLR", "build_method"]

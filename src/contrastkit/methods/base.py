@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from contrastkit.config import MethodConfig
+from contrastkit.errors import ConfigError
+from contrastkit.models import mlp
 
 
 @dataclass
@@ -77,3 +79,30 @@ class SSLMethod(nn.Module):
     def parameter_groups(self) -> list[ParamGroup]:
         """Default: one group with every trainable parameter."""
         return [ParamGroup("all", [p for p in self.parameters() if p.requires_grad])]
+
+
+# ------------------------------------------------------------------------------------------------ shared helpers
+def build_projector(in_dim: int, cfg: MethodConfig) -> nn.Sequential:
+    """The projector described by the method config (``proj_*`` fields), shared by all methods."""
+    return mlp(in_dim, cfg.proj_hidden_dim, cfg.proj_out_dim, num_layers=cfg.proj_layers,
+               hidden_bn=cfg.proj_hidden_bn, last_bn=cfg.proj_last_bn)
+
+
+def build_predictor(cfg: MethodConfig) -> nn.Sequential:
+    """BYOL/NNCLR's predictor: ``proj_out_dim -> pred_hidden_dim (BN if proj_hidden_bn) -> proj_out_dim``."""
+    return mlp(cfg.proj_out_dim, cfg.pred_hidden_dim, cfg.proj_out_dim, num_layers=2, hidden_bn=cfg.proj_hidden_bn)
+
+
+def check_two_views(views: list[torch.Tensor], method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views of a two-view method, or a ConfigError."""
+    if len(views) != 2:
+        raise ConfigError(f"{method} uses exactly 2 views, got {len(views)}; set views.num_views=2")
+    return views[0], views[1]
+
+
+def check_no_options(cfg: MethodConfig, method: str, known: tuple[str, ...] = ()) -> None:
+    """Refuse ``method.options`` keys the method does not read (typos would otherwise be ignored)."""
+    unknown = sorted(set(cfg.options) - set(known))
+    if unknown:
+        valid = ", ".join(known) if known else "none"
+        raise ConfigError(f"method.options {', '.join(unknown)} unknown to {method}; valid options: {valid}")

@@ -16,20 +16,7 @@ from torch import nn
 
 from contrastkit.config import MethodConfig
 from contrastkit.losses import build_loss
-from contrastkit.methods.base import ParamGroup, SSLMethod
-from contrastkit.models import mlp
-
-
-def build_projector(in_dim: int, cfg: MethodConfig) -> nn.Sequential:
-    """The projector described by the method config (shared by all methods)."""
-    return mlp(
-        in_dim,
-        cfg.proj_hidden_dim,
-        cfg.proj_out_dim,
-        num_layers=cfg.proj_layers,
-        hidden_bn=cfg.proj_hidden_bn,
-        last_bn=cfg.proj_last_bn,
-    )
+from contrastkit.methods.base import ParamGroup, SSLMethod, build_projector
 
 
 def build_contrastive_loss(cfg: MethodConfig) -> nn.Module:

@@ -1,6 +1,21 @@
-"""Backbones and MLP heads."""
+"""Backbones and MLP heads; the shared parts of the methods: memory queue, nearest neighbours, momentum teacher."""
 
 from contrastkit.models.backbones import BACKBONES, SmallResNet, build_backbone
 from contrastkit.models.heads import mlp
+from contrastkit.models.momentum import MomentumTeacher, cosine_momentum, fixed_momentum
+from contrastkit.models.neighbours import Neighbours, cosine_similarities, nearest_neighbours
+from contrastkit.models.queue import MemoryQueue
 
-__all__ = ["BACKBONES", "SmallResNet", "build_backbone", "mlp"]
+__all__ = [
+    "BACKBONES",
+    "MemoryQueue",
+    "MomentumTeacher",
+    "Neighbours",
+    "SmallResNet",
+    "build_backbone",
+    "cosine_momentum",
+    "cosine_similarities",
+    "fixed_momentum",
+    "mlp",
+    "nearest_neighbours",
+]

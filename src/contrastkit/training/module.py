@@ -190,6 +190,9 @@ class SSLModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         groups = self.method.parameter_groups()
+        for g in groups:  # the predictor's learning-rate multiplier (BYOL/NNCLR), optim.predictor_lr_factor
+            if g.name == "predictor":
+                g.lr_factor *= self.cfg.optim.predictor_lr_factor
         optimizer = build_optimizer(groups, self.cfg.optim, self.peak_lr)
         warmup = int(round(self.cfg.optim.warmup_epochs * self.steps_per_epoch))
         schedule = warmup_cosine(self.total_steps, warmup, self.cfg.optim.warmup_start_factor,

@@ -1,0 +1,189 @@
+"""Two processes (gloo, CPU, DDP) on half batches must train exactly like one process on the whole batch, for MoCo,
+NNCLR, BYOL and Barlow Twins: same losses, same (DDP-averaged) gradients over two optimizer steps, same momentum
+teacher, and a global queue identical on both ranks and equal to the single-process queue.
+
+BatchNorm: with local statistics, BN makes half batches differ from the whole batch by design, so most cases use
+BN-free backbones and heads; what they test is the communication (gathered negatives, global queue, all-reduced
+Barlow statistics, MoCo's shuffle/unshuffle). The ``moco-bn`` case keeps BN in the backbone and projector: MoCo's
+shuffling BN on 2 processes must equal its single-device emulation with ``bn_splits=2`` (same permutation, drawn
+from the same seeded generator), which checks both the DDP shuffle and the emulation.
+
+One spawn runs every case; the workers write their results to ``tmp_path`` and the parent process asserts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from contrastkit.config import load_config
+from contrastkit.methods import SSLMethod, build_method
+
+WORLD = 2
+N = 8  # global batch; N / WORLD per process
+IMAGE = (1, 4, 4)
+STEPS = 2
+LR = 0.2
+TIMEOUT_S = 120
+
+NO_BN = ["method.proj_hidden_bn=false", "method.proj_last_bn=false", "method.proj_hidden_dim=12",
+         "method.proj_out_dim=6", "method.pred_hidden_dim=10", "method.temperature=0.3"]
+CASES: dict[str, list[str]] = {
+    # queue_size 12 < 16 keys per step: wrap-around and overwrite within a step
+    "moco-shuffle-dcl": NO_BN + ["method.name=moco", "method.loss=dcl", "method.shuffle_bn=shuffle",
+                                 "method.queue_size=12"],
+    "moco-asym-dclw": NO_BN + ["method.name=moco", "method.loss=dclw", "method.symmetric=false",
+                               "method.shuffle_bn=none", "method.queue_size=32"],
+    "moco-bn": NO_BN + ["method.name=moco", "method.loss=infonce", "method.shuffle_bn=shuffle",
+                        "method.proj_hidden_bn=true", "method.queue_size=32", "method.options={bn_splits: 2}"],
+    "nnclr": NO_BN + ["method.name=nnclr", "method.loss=infonce", "method.queue_size=10"],
+    "nnclr-dcl": NO_BN + ["method.name=nnclr", "method.loss=dcl", "method.queue_size=64"],
+    "byol": NO_BN + ["method.name=byol", "method.momentum_base=0.9"],
+    "barlow": NO_BN + ["method.name=barlow", "method.proj_layers=3", "method.barlow_scale=1.0"],
+}
+BN_CASES = {"moco-bn"}
+
+
+def _backbone(bn: bool) -> nn.Module:
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(16, 12)]
+    if bn:
+        layers.append(nn.BatchNorm1d(12))
+    layers += [nn.ReLU(), nn.Linear(12, 8)]
+    return nn.Sequential(*layers)
+
+
+def _build(case: str, overrides: list[str] | None = None) -> SSLMethod:
+    cfg = load_config(None, CASES[case] + (overrides or []))
+    torch.manual_seed(0)
+    return build_method(_backbone(case in BN_CASES), 8, cfg.method).double()
+
+
+def _data() -> list[list[Tensor]]:
+    g = torch.Generator().manual_seed(7)
+    steps = []
+    for _ in range(STEPS):
+        x = torch.randn(N, *IMAGE, generator=g, dtype=torch.float64)
+        steps.append([x + 0.3 * torch.randn(N, *IMAGE, generator=g, dtype=torch.float64) for _ in range(2)])
+    return steps
+
+
+class _Loss(nn.Module):
+    """DDP hooks ``forward``; this one computes the method's loss."""
+
+    def __init__(self, method: SSLMethod) -> None:
+        super().__init__()
+        self.method = method
+
+    def forward(self, views: list[Tensor]) -> Tensor:
+        return self.method.forward_loss(views, 0.5)["loss"]
+
+
+def _state(method: SSLMethod) -> dict[str, Tensor]:
+    state = {}
+    if hasattr(method, "queue"):
+        q = method.queue
+        state.update({"queue.keys": q.keys.clone(), "queue.ptr": q.ptr.clone(), "queue.filled": q.filled.clone(),
+                      "queue.len": torch.tensor(len(q))})
+    if hasattr(method, "teacher"):
+        state.update({f"teacher.{k}": v.clone() for k, v in method.teacher.named_parameters()})
+    return state
+
+
+def _train(method: SSLMethod, step_views: list[list[Tensor]], ddp: bool) -> dict[str, object]:
+    """STEPS optimizer steps; per step the loss and the (DDP-averaged) gradients; the final queue and teacher."""
+    module: nn.Module = _Loss(method)
+    if ddp:
+        module = DistributedDataParallel(module, broadcast_buffers=False)  # each rank keeps its own queue
+    opt = torch.optim.SGD([p for g in method.parameter_groups() for p in g.params], lr=LR)
+    out: dict[str, object] = {}
+    for step, views in enumerate(step_views):
+        opt.zero_grad()
+        torch.manual_seed(100 + step)  # MoCo's shuffle permutation: the same on rank 0 and in one process
+        loss = module(views)
+        loss.backward()
+        out[f"loss{step}"] = loss.detach()
+        out[f"grads{step}"] = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+        opt.step()
+        method.after_optimizer_step(0.5)
+    out["state"] = _state(method)
+    return out
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        n = N // world
+        local = [[v[rank * n : (rank + 1) * n] for v in views] for views in _data()]
+        results = {case: _train(_build(case), local, ddp=True) for case in CASES}
+        # control: Barlow with local statistics (gather_distributed=false) must NOT match one process
+        results["barlow-local"] = _train(_build("barlow", ["method.gather_distributed=false"]), local, ddp=True)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_workers(out_dir: Path) -> list[dict]:
+    context = mp.spawn(_worker, args=(WORLD, _free_port(), str(out_dir)), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=1):  # re-raises a worker's exception
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+def _close(a: Tensor, b: Tensor, msg: str) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=msg)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path: Path) -> None:
+    results = _run_workers(tmp_path)
+    data = _data()
+    for case in CASES:
+        ref = _train(_build(case), data, ddp=False)  # one process, whole batch
+        ranks = [res[case] for res in results]
+        for step in range(STEPS):
+            losses = torch.stack([r[f"loss{step}"] for r in ranks])
+            if case.startswith("barlow"):  # every process computes the global loss
+                _close(losses[0], ref[f"loss{step}"], f"{case} step {step}: rank 0 loss")
+                _close(losses[1], ref[f"loss{step}"], f"{case} step {step}: rank 1 loss")
+            else:  # local means over equal halves
+                _close(losses.mean(), ref[f"loss{step}"], f"{case} step {step}: mean loss")
+                assert not torch.allclose(losses[0], losses[1])  # the ranks really saw different data
+            ref_grads = ref[f"grads{step}"]
+            for r in ranks:
+                assert r[f"grads{step}"].keys() == ref_grads.keys()
+                for name, g in ref_grads.items():
+                    _close(r[f"grads{step}"][name], g, f"{case} step {step}: DDP gradient of {name}")
+        for name, value in ref["state"].items():
+            # the queue (keys, pointer, count) and the teacher are identical on both ranks and equal one process's
+            assert torch.equal(ranks[0]["state"][name], ranks[1]["state"][name]), f"{case}: {name} differs by rank"
+            _close(ranks[0]["state"][name], value, f"{case}: {name}")
+        if "queue.len" in ref["state"]:
+            assert int(ref["state"]["queue.len"]) > 0
+
+    # the control: local Barlow statistics give another loss (so the comparisons above can fail)
+    local = torch.stack([res["barlow-local"]["loss0"] for res in results]).mean()
+    ref = _train(_build("barlow"), data, ddp=False)
+    assert not torch.allclose(local, ref["loss0"], rtol=1e-3)
