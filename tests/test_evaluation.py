@@ -570,3 +570,65 @@ def test_cuda_matches_cpu():
     x_test, y_test = _blobs(1, 400)
     result = linear_probe(x_train.cuda(), y_train.cuda(), x_test, y_test, 4, **_FAST)
     assert result.top1 >= 98.0 and next(result.head.parameters()).device.type == "cuda"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# augmented feature extraction (linear probe with augmentation) and the feature cache
+
+
+def _policy(**fields):
+    from contrastkit.evaluation.offline import crop_flip_policy
+
+    policy = crop_flip_policy(16)
+    for k, v in fields.items():
+        setattr(policy, k, v)
+    return policy
+
+
+def test_extract_augmented_features_applies_the_policy():
+    from contrastkit.evaluation import extract_augmented_features
+
+    model, images = _model(), _images()
+    model.train()
+    # the identity augmentation (whole image, never flipped) gives the plain features
+    ident = extract_augmented_features(model, images, MEAN, STD, _policy(crop_scale=(1.0, 1.0), hflip_prob=0.0))
+    torch.testing.assert_close(ident, extract_features(model, images, MEAN, STD), rtol=1e-4, atol=1e-5)
+    assert model.training  # modes restored
+    # always flipped = the features of the mirrored images
+    flipped = extract_augmented_features(model, images, MEAN, STD, _policy(crop_scale=(1.0, 1.0), hflip_prob=1.0))
+    torch.testing.assert_close(flipped, extract_features(model, images.flip(-1), MEAN, STD), rtol=1e-4, atol=1e-5)
+    # random crops: seeded, batch-size independent draws per seed, different seeds differ
+    a = extract_augmented_features(model, images, MEAN, STD, _policy(), batch_size=512, seed=3)
+    b = extract_augmented_features(model, images, MEAN, STD, _policy(), batch_size=512, seed=3)
+    c = extract_augmented_features(model, images, MEAN, STD, _policy(), batch_size=512, seed=4)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert a.shape == (12, 6) and not torch.allclose(a, c)
+    _raises(ConfigError, extract_augmented_features, model, images, MEAN, STD, "crop", match="ViewPolicy")
+
+
+def test_feature_cache_roundtrip_key_and_corruption(tmp_path):
+    from contrastkit.evaluation.cache import CachedFeatures, cache_file, cached_features, make_key
+
+    ckpt = tmp_path / "m.ckpt"
+    ckpt.write_bytes(b"weights")
+    path = cache_file(ckpt, "cifar10", "test", "backbone")
+    assert path == tmp_path / "m.ckpt.features" / "cifar10-test-backbone.pt"
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return CachedFeatures(torch.arange(6.0).view(3, 2), torch.tensor([0, 1, 1]), ["a", "b"])
+
+    key = make_key(ckpt, split="test", kind="backbone")
+    first = cached_features(path, key, compute)
+    again = cached_features(path, key, compute)
+    assert calls == [1] and again.from_cache and not first.from_cache
+    assert torch.equal(again.features, first.features) and again.classes == ["a", "b"]
+    cached_features(path, make_key(ckpt, split="test", kind="projector"), compute)  # other key: recomputed
+    assert len(calls) == 2
+    path.write_bytes(b"garbage")  # a corrupt cache file is recomputed, not an error
+    assert not cached_features(path, key, compute).from_cache and len(calls) == 3
+    assert cached_features(path, key, compute).from_cache
+    ckpt.write_bytes(b"other weights")  # the checkpoint changed: its stamp is in every key
+    assert make_key(ckpt, split="test", kind="backbone") != key
+    assert not list(path.parent.glob("*.tmp"))

@@ -3,8 +3,13 @@
 ::
 
     contrastkit train [CONFIG.yaml] [key=value ...] [--resume CKPT|last] [--print-config]
-    contrastkit eval knn CHECKPOINT [key=value ...] [--k 200] [--temperature 0.1] [--json]
-    contrastkit eval linear CHECKPOINT [key=value ...] [--epochs 100] [--json]
+    contrastkit eval knn CHECKPOINT [key=value ...] [--k 200] [--temperature 0.1] [--grid] [--features ...] [--json]
+    contrastkit eval linear CHECKPOINT [key=value ...] [--epochs 100] [--augmented] [--features ...] [--json]
+    contrastkit report RUN_DIR [RUN_DIR ...] [--out report]
+    contrastkit plot embedding CHECKPOINT [--method tsne|umap] [--out PNG]
+    contrastkit plot neighbours CHECKPOINT [--out PNG] [--queries 8] [--k 8]
+    contrastkit export CHECKPOINT [--out backbone.pt]
+    contrastkit embed CHECKPOINT DATASET [--split test] [--root PATH] [--out features.npy|.npz]
     contrastkit bench throughput [--backbone small_resnet resnet18] [--batch-size 256] [--steps 100] [--json]
 
 Errors caused by input (paths, data, configuration) print one line ``error: ...`` and exit with status 2.
@@ -81,49 +86,87 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval_sets(ckpt: str, overrides: list[str]) -> tuple[Any, Any, Any, Any]:
-    from contrastkit.checkpoint import load_module
-    from contrastkit.config import _apply, parse_override
-    from contrastkit.training.run import load_monitor_sets
+def _evaluator(args: argparse.Namespace, overrides: list[str] | None = None) -> Any:
+    from contrastkit.evaluation.offline import CheckpointEvaluator
 
-    module = load_module(ckpt)
-    cfg = module.cfg
-    for o in overrides:
-        _apply(cfg, *parse_override(o))
-    cfg.validate()
-    sets = load_monitor_sets(cfg)
-    if sets is None:
-        raise ContrastkitError("evaluation needs labelled splits: set data.monitor_bank_split and "
-                               "data.monitor_query_split")
-    return module, cfg, sets[0], sets[1]
+    return CheckpointEvaluator(args.checkpoint, overrides or [], device=args.device,
+                               batch_size=getattr(args, "batch_size", None), cache=not args.no_cache, progress=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from contrastkit.evaluation import extract_features, knn_evaluate, linear_probe
-
-    module, cfg, bank, query = _eval_sets(args.checkpoint, args.overrides)
-    device = torch.device(args.device)
-    module = module.to(device)
-    mean, std = module.hparams["mean"], module.hparams["std"]
-    fb = extract_features(module.backbone, bank.images, mean, std, cfg.eval.batch_size, device, progress=True)
-    fq = extract_features(module.backbone, query.images, mean, std, cfg.eval.batch_size, device, progress=True)
-    yb, yq = bank.labels.to(device), query.labels.to(device)
-    num_classes = int(max(yb.max(), yq.max())) + 1
-    if args.protocol == "knn":
-        res: dict[str, Any] = knn_evaluate(fb, yb, fq, yq, num_classes, k=args.k, temperature=args.temperature)
-        res.update(protocol="knn", k=args.k, temperature=args.temperature, metric="cosine")
+    ev = _evaluator(args, args.overrides)
+    kind = args.features
+    if args.protocol == "knn" and args.grid:
+        res = ev.knn_grid(ks=args.ks, temperatures=args.temperatures, kind=kind)
+    elif args.protocol == "knn":
+        res = ev.knn(k=args.k, temperature=args.temperature, kind=kind)
     else:
-        res = linear_probe(fb, yb, fq, yq, num_classes, epochs=args.epochs, device=device, progress=True).to_dict()
-        res.update(protocol="linear")
-    res.update(checkpoint=args.checkpoint, dataset=cfg.data.name, bank_split=cfg.data.monitor_bank_split,
-               query_split=cfg.data.monitor_query_split)
+        res = ev.linear(epochs=args.epochs, augmented=args.augmented, passes=args.aug_passes, kind=kind)
+    ev.save_result(res)
+    cfg = ev.cfg
+    where = f"({cfg.data.name} {res['query_split']}, bank {res['bank_split']}, {kind} features)"
     if args.json:
         print(json.dumps(res))
+    elif res["protocol"] == "knn-grid":
+        print(f"\nkNN grid {where}; the best row is chosen on the test split: report it as such")
+        print(f"{'metric':<10} {'k':>5} {'T':>6} {'top-1':>7} {'top-5':>7}")
+        for r in res["grid"]:
+            t = "-" if r["temperature"] is None else f"{r['temperature']:g}"
+            print(f"{r['metric']:<10} {r['k']:>5} {t:>6} {r['top1']:>7.2f} {r['top5']:>7.2f}")
     else:
+        extra = ""
+        if res["protocol"] == "linear":
+            extra = f"; lr {res['lr']:g}, weight decay {res['weight_decay']:g}" + (
+                f", {res['augmented']['passes']} augmented passes" if res["augmented"] else "")
         print(f"{args.protocol} top-1 {res['top1']:.2f}  top-5 {res['top5']:.2f}  ({cfg.data.name} "
-              f"{cfg.data.monitor_query_split}, bank {cfg.data.monitor_bank_split})")
+              f"{res['query_split']}, bank {res['bank_split']}, {kind} features{extra})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from contrastkit.report import build_report
+
+    md = build_report(args.run_dirs, args.out)
+    print(f"wrote {md} (+ PNG plots in {md.parent})")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from contrastkit.evaluation.plots import plot_embedding, plot_neighbours
+
+    ev = _evaluator(args)
+    if args.plot == "embedding":
+        out = args.out or f"embedding-{args.method}.png"
+        path = plot_embedding(ev, out, method=args.method, split=args.split, num_points=args.num_points,
+                              kind=args.features, seed=args.seed)
+        print(f"wrote {path}")
+    else:
+        path, info = plot_neighbours(ev, args.out or "neighbours.png", num_queries=args.queries, k=args.k,
+                                     query_split=args.split, bank_split=args.bank_split, kind=args.features,
+                                     seed=args.seed)
+        note = "" if info["precision"] is None else f" ({info['precision']:.1f}% of the neighbours share the class)"
+        print(f"wrote {path}{note}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from contrastkit.export import export_backbone
+
+    weights, side = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {weights} (state dict) and {side} (architecture, normalisation); "
+          "load with contrastkit.load_backbone() or see the sidecar's 'torchvision' entry")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from contrastkit.export import embed
+
+    res = embed(args.checkpoint, args.dataset, split=args.split, root=args.root, out=args.out, kind=args.features,
+                image_size=args.image_size, device=args.device, batch_size=args.batch_size,
+                cache=not args.no_cache, progress=True)
+    n, d = res["shape"]
+    labels = f", labels in {res['labels']}" if res["labels"] is not None else " (unlabelled split: no labels)"
+    print(f"wrote {n} x {d} float32 features to {res['features']}{labels}")
     return 0
 
 
@@ -156,10 +199,65 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("overrides", nargs="*", help="data.* overrides, e.g. data.root=/data/cifar")
     e.add_argument("--k", type=int, default=200)
     e.add_argument("--temperature", type=float, default=0.1)
+    e.add_argument("--grid", action="store_true", help="knn: the grid over --ks x --temperatures x cosine/euclidean")
+    e.add_argument("--ks", type=int, nargs="+", default=[10, 20, 50, 100, 200], help="knn --grid: neighbour counts")
+    e.add_argument("--temperatures", type=float, nargs="+", default=[0.05, 0.07, 0.1, 0.2, 0.5],
+                   help="knn --grid: temperatures (cosine only)")
+    e.add_argument("--features", choices=["backbone", "projector"], default="backbone",
+                   help="evaluate backbone features (default) or projector outputs")
     e.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
-    e.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    e.add_argument("--augmented", action="store_true",
+                   help="linear: train on crop+flip augmented features (--aug-passes distinct passes, reused)")
+    e.add_argument("--aug-passes", type=int, default=4, help="linear --augmented: distinct augmented passes")
+    _add_common_eval_args(e)
     e.add_argument("--json", action="store_true", help="print one JSON record")
     e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="compare runs: Markdown table + PNG training curves")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    r.add_argument("--out", default="report", help="output folder (default ./report)")
+    r.set_defaults(func=cmd_report)
+
+    pl = sub.add_parser("plot", help="pictures of a checkpoint's representation")
+    psub = pl.add_subparsers(dest="plot", required=True)
+    pe = psub.add_parser("embedding", help="2-D map (t-SNE or UMAP) of the embedding, coloured by class")
+    pe.add_argument("checkpoint")
+    pe.add_argument("--method", choices=["tsne", "umap"], default="tsne")
+    pe.add_argument("--out", help="PNG path (default embedding-METHOD.png)")
+    pe.add_argument("--split", help="split to draw (default data.monitor_query_split)")
+    pe.add_argument("--num-points", type=int, default=2000, help="random subset size (default 2000)")
+    pe.add_argument("--features", choices=["backbone", "projector"], default="backbone")
+    pe.add_argument("--seed", type=int, default=0)
+    _add_common_eval_args(pe)
+    pe.set_defaults(func=cmd_plot)
+    pn = psub.add_parser("neighbours", aliases=["neighbors"], help="nearest-neighbour retrieval grid")
+    pn.add_argument("checkpoint")
+    pn.add_argument("--out", help="PNG path (default neighbours.png)")
+    pn.add_argument("--queries", type=int, default=8, help="query images (rows), default 8")
+    pn.add_argument("--k", type=int, default=8, help="neighbours per query, default 8")
+    pn.add_argument("--split", help="query split (default data.monitor_query_split)")
+    pn.add_argument("--bank-split", help="neighbour split (default data.monitor_bank_split)")
+    pn.add_argument("--features", choices=["backbone", "projector"], default="backbone")
+    pn.add_argument("--seed", type=int, default=0)
+    _add_common_eval_args(pn)
+    pn.set_defaults(func=cmd_plot, plot="neighbours")
+
+    x = sub.add_parser("export", help="write the backbone as a plain state dict + JSON sidecar")
+    x.add_argument("checkpoint")
+    x.add_argument("--out", default="backbone.pt", help="weights file (default backbone.pt; sidecar backbone.json)")
+    x.set_defaults(func=cmd_export)
+
+    em = sub.add_parser("embed", help="write the features of a dataset split (N x D float32 .npy/.npz)")
+    em.add_argument("checkpoint")
+    em.add_argument("dataset", help="dataset name, e.g. cifar10, fashion-mnist, imagefolder, synthetic")
+    em.add_argument("--split", default="test")
+    em.add_argument("--root", help="dataset folder (default: the checkpoint's data.root for its own dataset)")
+    em.add_argument("--out", default="features.npy",
+                    help="features.npy (+ features.labels.npy) or a .npz with 'features' and 'labels'")
+    em.add_argument("--features", choices=["backbone", "projector"], default="backbone")
+    em.add_argument("--image-size", type=int, help="imagefolder decode size (default: the model's input size)")
+    _add_common_eval_args(em)
+    em.set_defaults(func=cmd_embed)
 
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -175,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--json", action="store_true", help="one JSON record per setting")
     tp.set_defaults(func=cmd_bench)
     return p
+
+
+def _add_common_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu",
+                   help="evaluation device (default: cuda if available, else cpu)")
+    p.add_argument("--batch-size", type=int, default=None, help="feature extraction batch (default eval.batch_size)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the feature cache CHECKPOINT.features/")
 
 
 def _cuda() -> bool:

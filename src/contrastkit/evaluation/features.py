@@ -131,3 +131,74 @@ def extract_features(
             module.training = training
     assert out is not None
     return out
+
+
+def extract_augmented_features(
+    model: nn.Module,
+    images: Tensor,
+    mean: Sequence[float],
+    std: Sequence[float],
+    policy: object,
+    batch_size: int = 512,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> Tensor:
+    """Features of one random augmentation of every image, as float32 N x D on ``device``.
+
+    Like :func:`extract_features`, but each batch is first turned into one view with ``policy`` (a
+    :class:`~contrastkit.augment.ViewPolicy`, e.g. random resized crop + flip at the training crop size) by the
+    batched :class:`~contrastkit.augment.ViewGenerator` on ``device``, with a ``torch.Generator`` on that device
+    seeded with ``seed``: the same seed gives the same views on the same device type. The model runs in eval mode
+    under :func:`torch.inference_mode`; the ``training`` flags are restored afterwards.
+
+    Args:
+        model: maps B x C x s x s views (s = ``policy.crop_size``) to B x D features; already on ``device``.
+        images: N x C x H x W ``uint8`` tensor (CPU or ``device``).
+        mean, std: per-channel normalisation on the 0-1 scale.
+        policy: the :class:`~contrastkit.augment.ViewPolicy` of the view.
+        batch_size: images per forward pass (default 512).
+        device: where to run (default ``None``: the model's device).
+        seed: seed of the augmentation generator (default 0).
+        progress: tqdm progress bar (default ``False``).
+    """
+    from contrastkit.augment import ViewGenerator, ViewPolicy
+
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.dtype != torch.uint8 or images.shape[0] == 0:
+        raise DataError("images must be a non-empty N x C x H x W uint8 tensor")
+    if not isinstance(policy, ViewPolicy):
+        raise ConfigError(f"policy must be a contrastkit.augment.ViewPolicy, got {type(policy).__name__}")
+    batch_size = positive_int(batch_size, "batch_size")
+    n, channels = int(images.shape[0]), int(images.shape[1])
+    mean_list, std_list = _stats_arg(mean, "mean", channels), _stats_arg(std, "std", channels)
+    model_device = _model_device(model)
+    dev = resolve_device(device, model_device if model_device is not None else torch.device("cpu"))
+    if model_device is not None and model_device != dev:
+        raise ConfigError(
+            f"the model is on {model_device} but device={dev}; move it with model.to({str(dev)!r}) or pass device=None"
+        )
+    views = ViewGenerator([policy], mean_list, std_list)
+    generator = torch.Generator(device=dev).manual_seed(int(seed))
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    out: Tensor | None = None
+    try:
+        with torch.inference_mode(), tqdm(
+            total=n, desc="extracting augmented features", unit="img", disable=not progress, leave=False
+        ) as bar:
+            for start in range(0, n, batch_size):
+                batch = images[start : start + batch_size].to(dev, non_blocking=True)  # B x C x H x W uint8
+                (x,) = views(batch, generator=generator)  # B x C x s x s, normalised
+                y = model(x)
+                if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0]:
+                    raise ConfigError("the model must return a (batch, dim) feature tensor")
+                if out is None:
+                    with torch.inference_mode(False):
+                        out = torch.empty(n, y.shape[1], dtype=torch.float32, device=dev)  # N x D
+                out[start : start + y.shape[0]].copy_(y)
+                bar.update(y.shape[0])
+    finally:
+        for module, training in modes:
+            module.training = training
+    assert out is not None
+    return out

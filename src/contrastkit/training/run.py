@@ -172,6 +172,13 @@ def train(cfg: Config, callbacks: list[L.Callback] | None = None) -> TrainResult
                             else 10**9, batch_size=cfg.eval.batch_size, size=size, clock=clock)
         extra.append(knn_cb)
 
+    online_cb = None
+    if cfg.train.online_linear:  # optional online linear probe (contrastkit.evaluation.online)
+        from contrastkit.evaluation.online import OnlineLinearProbe
+
+        online_cb = OnlineLinearProbe.from_config(cfg, data, mean, std)
+        extra.append(online_cb)
+
     trainer = build_trainer(cfg, extra, run_dir)
     world = trainer.world_size
     spe = steps_per_epoch(len(data), cfg.optim.batch_size, world, cfg.optim.accumulate_grad_batches)
@@ -207,6 +214,9 @@ def train(cfg: Config, callbacks: list[L.Callback] | None = None) -> TrainResult
         if knn_cb.history:
             metrics["knn_top1"] = knn_cb.history[-1]["knn_top1"]
             metrics["knn_top5"] = knn_cb.history[-1]["knn_top5"]
+    if online_cb is not None and online_cb.history:
+        metrics["online_linear_history"] = online_cb.history
+        metrics["online_linear_top1"] = online_cb.history[-1]["online_linear_top1"]
     if trainer.global_rank == 0 and monitor_sets is not None and (cfg.eval.baselines or cfg.eval.linear):
         metrics.update(final_evaluation(cfg, module, mean, std, *monitor_sets))
     last = run_dir / "checkpoints" / "last.ckpt"
