@@ -33,14 +33,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _bench_config(backbone: str, method: str, dataset: str, batch_size: int, device: str, precision: str) -> Config:
+def _bench_config(backbone: str, method: str, dataset: str, batch_size: int, device: str, precision: str,
+                  extra: list[str] | None = None) -> Config:
     overrides = [f"model.backbone={backbone}", f"method.name={method}", f"optim.batch_size={batch_size}",
                  f"train.accelerator={'gpu' if device.startswith('cuda') else 'cpu'}", "train.devices=1",
                  "train.knn_every_n_epochs=0", "train.progress_bar=false", "eval.knn=false",
                  f"train.precision={ {'32': '32-true', 'bf16': 'bf16-mixed', '16': '16-mixed'}[precision] }",
                  f"train.run_dir=runs/bench-{method}-{backbone}", "data.monitor_bank_split=null",
                  "data.monitor_query_split=null"]
-    if backbone != "small_resnet":
+    if backbone.startswith("resnet"):
         overrides.append("model.cifar_stem=true")
     if dataset == "synthetic":
         overrides += ["data.name=synthetic", "data.image_size=32", "data.options={n: 4096, channels: 3}",
@@ -49,7 +50,7 @@ def _bench_config(backbone: str, method: str, dataset: str, batch_size: int, dev
         overrides += [f"data.name={dataset}"]
         if dataset == "fashion-mnist":
             overrides += ["views.preset=gray"]
-    return load_config(None, overrides)
+    return load_config(None, overrides + list(extra or []))
 
 
 class _StepTimer(L.Callback):
@@ -68,9 +69,9 @@ class _StepTimer(L.Callback):
 
 
 def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, steps: int, warmup: int,
-                  device: str, precision: str) -> dict[str, Any]:
-    """Measure one setting; returns one record (see the module docstring)."""
-    cfg = _bench_config(backbone, method, dataset, batch_size, device, precision)
+                  device: str, precision: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Measure one setting; returns one record (see the module docstring). ``overrides``: extra config keys."""
+    cfg = _bench_config(backbone, method, dataset, batch_size, device, precision, overrides)
     dev = torch.device(device)
     torch.manual_seed(0)
     data = load_split(cfg, "train")
@@ -88,16 +89,14 @@ def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, ste
         idx = torch.randint(0, len(data), (batch_size,), device=dev, generator=gen)
         _sync(dev)
         t = time.perf_counter()
-        with torch.no_grad():
-            module.views(images[idx], generator=gen)
+        module.make_views(images[idx], gen)
         _sync(dev)
         if i >= warmup:
             t_views.append(time.perf_counter() - t)
 
     # (b) model step alone on fixed, ready views
     idx = torch.randint(0, len(data), (batch_size,), device=dev, generator=gen)
-    with torch.no_grad():
-        views = module.views(images[idx], generator=gen)
+    views = module.make_views(images[idx], gen)
     opt = module.configure_optimizers()["optimizer"]
     module.train()
     t_model = []
@@ -138,7 +137,8 @@ def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, ste
     model_ips = batch_size / med(t_model)
     e2e_ips = batch_size / med(timer.times) if timer.times else float("nan")
     return {
-        "method": method, "backbone": backbone, "dataset": cfg.data.name,
+        "method": method, "backbone": backbone, "overrides": list(overrides or []),
+        "widths": cfg.model.widths if not backbone.startswith("resnet") else None, "dataset": cfg.data.name,
         "image_shape": list(data.images.shape[1:]), "batch_size": batch_size, "views": cfg.views.num_views,
         "device": str(dev), "precision": precision, "steps": steps, "warmup": warmup,
         "views_images_per_sec": round(views_ips, 1), "model_images_per_sec": round(model_ips, 1),
@@ -151,14 +151,15 @@ def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, ste
 
 def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100, warmup: int = 10,
                    device: str = "cpu", methods: list[str] | None = None, dataset: str = "fashion-mnist",
-                   precision: str = "32", as_json: bool = False) -> list[dict[str, Any]]:
-    """Run :func:`bench_setting` for each method x backbone. ``small_resnet`` runs on ``dataset``; torchvision
-    ResNets run on 3x32x32 synthetic images with the CIFAR stem (the CIFAR setting)."""
+                   precision: str = "32", as_json: bool = False, overrides: list[str] | None = None
+                   ) -> list[dict[str, Any]]:
+    """Run :func:`bench_setting` for each method x backbone. ``small_resnet``/``convnet`` run on ``dataset``;
+    torchvision ResNets run on 3x32x32 synthetic images with the CIFAR stem (the CIFAR setting)."""
     records = []
     for method in methods or ["simclr"]:
         for backbone in backbones:
-            ds = dataset if backbone == "small_resnet" else "synthetic"
-            r = bench_setting(backbone, method, ds, batch_size, steps, warmup, device, precision)
+            ds = "synthetic" if backbone.startswith("resnet") else dataset
+            r = bench_setting(backbone, method, ds, batch_size, steps, warmup, device, precision, overrides)
             records.append(r)
             if not as_json:
                 print(f"{method:8s} {backbone:13s} {ds:14s} views {r['views_images_per_sec']:9.0f}/s  "

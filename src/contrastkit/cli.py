@@ -175,7 +175,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     records = run_throughput(backbones=args.backbone, batch_size=args.batch_size, steps=args.steps,
                              warmup=args.warmup, device=args.device, methods=args.method, dataset=args.dataset,
-                             precision=args.precision, as_json=args.json)
+                             precision=args.precision, as_json=args.json, overrides=args.overrides)
     if args.json:
         for r in records:
             print(json.dumps(r))
@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     tp = bsub.add_parser("throughput", help="images/s of view generation, model step and end to end")
+    tp.add_argument("overrides", nargs="*", help="extra config overrides, e.g. model.widths=[16,32,64,128]")
     tp.add_argument("--backbone", nargs="+", default=["small_resnet", "resnet18"])
     tp.add_argument("--method", nargs="+", default=["simclr"])
     tp.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (1x28x28) or synthetic (3x32x32)")

@@ -24,7 +24,7 @@ from torch import nn
 
 from contrastkit.errors import ConfigError
 
-BACKBONES = ("small_resnet", "resnet18", "resnet50")
+BACKBONES = ("small_resnet", "convnet", "resnet18", "resnet50")
 
 
 class BasicBlock(nn.Module):
@@ -89,6 +89,34 @@ class SmallResNet(nn.Module):
         return torch.flatten(self.pool(x), 1)  # B x W
 
 
+class ConvNet(nn.Module):
+    """A plain ConvNet: ``len(widths)`` blocks of 3x3 conv -> BN -> ReLU -> 2x2 max-pool, then global average pool.
+
+    With the default widths (32, 64, 128, 256) this is the 4-layer ConvNet that lightly's Fashion-MNIST
+    benchmark uses (our reference point for throughput in docs/benchmarks.md).
+
+    Args:
+        in_channels: input channels. Default 3. widths: channels of each block. Default (32, 64, 128, 256).
+    """
+
+    def __init__(self, in_channels: int = 3, widths: Sequence[int] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        if not widths:
+            raise ConfigError("model.widths must be non-empty")
+        layers: list[nn.Module] = []
+        in_ch = in_channels
+        for w in widths:
+            layers += [nn.Conv2d(in_ch, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2, ceil_mode=True)]
+            in_ch = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.out_dim = in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.flatten(self.pool(self.features(x)), 1)  # B x widths[-1]
+
+
 def _torchvision_resnet(name: str, in_channels: int, cifar_stem: bool) -> tuple[nn.Module, int]:
     model = getattr(torchvision.models, name)(weights=None)
     if cifar_stem:
@@ -112,16 +140,20 @@ def build_backbone(
     """Build a backbone by name and return ``(module, feature_dim)``.
 
     Args:
-        name: one of ``small_resnet``, ``resnet18``, ``resnet50``.
+        name: one of ``small_resnet``, ``convnet``, ``resnet18``, ``resnet50``.
         in_channels: input image channels.
         cifar_stem: for torchvision ResNets, replace the 7x7/2 conv and max-pool by a 3x3/1 conv (small images).
-        widths, blocks, stem_stride: ``small_resnet`` only (see :class:`SmallResNet`).
+        widths: stage widths of ``small_resnet`` and ``convnet``.
+        blocks, stem_stride: ``small_resnet`` only (see :class:`SmallResNet`).
     """
     if in_channels < 1:
         raise ConfigError(f"in_channels must be >= 1, got {in_channels}")
     if name == "small_resnet":
         net = SmallResNet(in_channels, widths, blocks, stem_stride)
         return net, net.out_dim
+    if name == "convnet":
+        conv = ConvNet(in_channels, widths)
+        return conv, conv.out_dim
     if name in ("resnet18", "resnet50"):
         return _torchvision_resnet(name, in_channels, cifar_stem)
     raise ConfigError(f"unknown model.backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -149,13 +149,18 @@ class SSLModule(L.LightningModule):
     def progress(self) -> float:
         return min(1.0, self.global_step / max(1, self.total_steps))
 
+    @torch.no_grad()
+    def make_views(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """Augmented, normalised views of a uint8 batch (in the model's memory format)."""
+        views = self.views(images, generator=generator)  # V x (B x C x h x w)
+        if self.cfg.model.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return views
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         assert self.images is not None
         imgs = self.images[batch]  # B x C x H x W uint8, on the device
-        with torch.no_grad():
-            views = self.views(imgs, generator=self._aug_gen)  # V x (B x C x h x w)
-        if self.cfg.model.channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        views = self.make_views(imgs, self._aug_gen)
         out = self.method.forward_loss(views, self.progress())
         loss = out["loss"]
         if not torch.isfinite(loss.detach()):
