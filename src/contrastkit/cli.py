@@ -35,7 +35,7 @@ def _print_table(rows: list[tuple[str, str]], title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from contrastkit.config import load_config, to_yaml
+    from contrastkit.config import apply_overrides, load_config, to_yaml
     from contrastkit.training.run import config_of_checkpoint, train
 
     overrides = list(args.overrides)
@@ -47,19 +47,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         # continue with the checkpoint's own configuration (overrides still apply, e.g. train.epochs=20)
         ckpt = args.resume
         if ckpt == "last":
-            from contrastkit.config import load_config as _lc
-
-            run_dir = _lc(None, overrides).train.run_dir
-            ckpt = os.path.join(run_dir, "checkpoints", "last.ckpt")
-        from contrastkit.config import _apply
-
-        cfg = config_of_checkpoint(ckpt)
-        for o in overrides:
-            from contrastkit.config import parse_override
-
-            _apply(cfg, *parse_override(o))
+            ckpt = os.path.join(load_config(None, overrides).train.run_dir, "checkpoints", "last.ckpt")
+        cfg = apply_overrides(config_of_checkpoint(ckpt), overrides)
         cfg.train.resume = ckpt
-        cfg.validate()
     else:
         cfg = load_config(config_path, overrides)
         if args.resume:

@@ -317,7 +317,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {str(p)!r} must be a mapping of sections")
         for section, values in data.items():
             _apply(cfg, str(section), values)
-    for text in overrides or []:
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``key=value`` overrides to ``cfg`` in place and validate it."""
+    for text in overrides:
         _apply(cfg, *parse_override(text))
     return cfg.validate()
 

@@ -103,15 +103,11 @@ class CheckpointEvaluator:
         progress: bool = False,
     ) -> None:
         from contrastkit.checkpoint import load_module
-        from contrastkit.config import _apply, parse_override
+        from contrastkit.config import apply_overrides
 
         self.checkpoint = Path(checkpoint)
         module = load_module(self.checkpoint)
-        cfg = module.cfg
-        for o in overrides:
-            _apply(cfg, *parse_override(o))
-        cfg.validate()
-        self.cfg = cfg
+        self.cfg = cfg = apply_overrides(module.cfg, list(overrides))
         self.device = resolve_device(device, default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {str(self.device)!r} requested but CUDA is not available; use --device cpu")
