@@ -135,7 +135,7 @@ def test_registry_lists_datasets_splits_and_options():
     assert dataset_splits("stl10") == ["train", "test", "unlabeled", "train+unlabeled"]
     assert dataset_splits("Fashion_MNIST") == ["train", "test"]
     assert dataset_splits("imagefolder") == ["train", "val", "test"]
-    assert set(dataset_options("synthetic")) == {"n", "channels", "num_classes", "seed"}
+    assert set(dataset_options("synthetic")) == {"n", "channels", "num_classes", "seed", "nuisance"}
     assert dataset_options("cifar10") == {}
 
 

@@ -16,11 +16,12 @@ import torch
 from contrastkit.errors import ContrastkitError
 
 
-def safe_load(path: str | Path, map_location: Any = "cpu") -> Any:
+def safe_load(path: str | Path, map_location: Any = "cpu",
+              missing_hint: str = "checkpoints are in RUN_DIR/checkpoints/") -> Any:
     """``torch.load(path, weights_only=True)`` with one-line errors for missing, corrupt or unsafe files."""
     p = Path(path)
     if not p.is_file():
-        raise ContrastkitError(f"checkpoint {str(p)!r} not found; checkpoints are in RUN_DIR/checkpoints/")
+        raise ContrastkitError(f"{str(p)!r} not found; {missing_hint}")
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

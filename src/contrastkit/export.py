@@ -32,8 +32,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
-import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,20 +90,10 @@ def sidecar_path(path: str | Path) -> Path:
 
 
 def _torch_load(path: Path, map_location: Any = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with one-line errors (the export counterpart of
-    :func:`contrastkit.checkpoint.load_checkpoint_file`, which also requires a training checkpoint's layout)."""
-    if not path.is_file():
-        raise ContrastkitError(f"{str(path)!r} not found; pass a training checkpoint (.ckpt) or an exported backbone")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ContrastkitError(
-            f"refusing to load {str(path)!r}: it holds objects that only unpickling code could rebuild "
-            f"(weights_only=True refused it: {first[:160]}); use a file written by contrastkit"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise ContrastkitError(f"{str(path)!r} is corrupt or truncated ({type(e).__name__})") from None
+    """A training checkpoint or an export, read safely (see :func:`contrastkit.checkpoint.safe_load`)."""
+    from contrastkit.checkpoint import safe_load
+
+    return safe_load(path, map_location, "pass a training checkpoint (.ckpt) or an exported backbone")
 
 
 def _is_checkpoint(obj: Any) -> bool:
