@@ -19,7 +19,7 @@ from torch import nn
 
 from contrastkit.config import MethodConfig
 from contrastkit.losses import BarlowTwinsLoss
-from contrastkit.methods.base import ParamGroup, SSLMethod, build_projector, check_no_options, check_two_views
+from contrastkit.methods.base import SSLMethod, build_projector, check_no_options, check_two_views
 
 
 class BarlowTwins(SSLMethod):
@@ -38,8 +38,3 @@ class BarlowTwins(SSLMethod):
         z1, z2 = [self.projector(h) for h in self.encode_views(views)]  # BxP each
         return {"loss": self.criterion(z1, z2)}
 
-    def parameter_groups(self) -> list[ParamGroup]:
-        return [
-            ParamGroup("backbone", list(self.backbone.parameters())),
-            ParamGroup("projector", list(self.projector.parameters())),
-        ]

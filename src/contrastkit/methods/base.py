@@ -77,8 +77,16 @@ class SSLMethod(nn.Module):
         """Hook called once per optimizer step (EMA updates and the like)."""
 
     def parameter_groups(self) -> list[ParamGroup]:
-        """Default: one group with every trainable parameter."""
-        return [ParamGroup("all", [p for p in self.parameters() if p.requires_grad])]
+        """One group per direct sub-module with trainable parameters, named after it (``backbone``,
+        ``projector``, ``predictor``, ...), in registration order. Frozen parts (momentum teachers) and
+        parameter-free parts (queues, losses) contribute nothing; a group named ``predictor`` gets
+        ``optim.predictor_lr_factor``. Override for other groupings."""
+        groups = []
+        for name, child in self.named_children():
+            params = [p for p in child.parameters() if p.requires_grad]
+            if params:
+                groups.append(ParamGroup(name, params))
+        return groups
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers

@@ -23,7 +23,6 @@ from torch import nn
 from contrastkit.config import MethodConfig
 from contrastkit.losses import NormalizedMSELoss
 from contrastkit.methods.base import (
-    ParamGroup,
     SSLMethod,
     build_predictor,
     build_projector,
@@ -56,9 +55,3 @@ class BYOL(SSLMethod):
     def after_optimizer_step(self, progress: float) -> None:
         self.teacher.update(cosine_momentum(self.cfg.momentum_base, self.cfg.momentum_final, progress))
 
-    def parameter_groups(self) -> list[ParamGroup]:
-        return [
-            ParamGroup("backbone", list(self.backbone.parameters())),
-            ParamGroup("projector", list(self.projector.parameters())),
-            ParamGroup("predictor", list(self.predictor.parameters())),
-        ]

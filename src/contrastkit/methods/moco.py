@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from contrastkit.config import MethodConfig
 from contrastkit.errors import ConfigError
 from contrastkit.losses import build_queue_loss, distributed
-from contrastkit.methods.base import ParamGroup, SSLMethod, build_projector, check_no_options, check_two_views
+from contrastkit.methods.base import SSLMethod, build_projector, check_no_options, check_two_views
 from contrastkit.models import MemoryQueue, MomentumTeacher, cosine_momentum
 from contrastkit.models.queue import gather_no_grad
 
@@ -173,8 +173,3 @@ class MoCo(SSLMethod):
     def after_optimizer_step(self, progress: float) -> None:
         self.teacher.update(cosine_momentum(self.cfg.momentum_base, self.cfg.momentum_final, progress))
 
-    def parameter_groups(self) -> list[ParamGroup]:
-        return [
-            ParamGroup("backbone", list(self.backbone.parameters())),
-            ParamGroup("projector", list(self.projector.parameters())),
-        ]

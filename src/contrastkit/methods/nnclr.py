@@ -29,7 +29,7 @@ from torch import nn
 
 from contrastkit.config import MethodConfig
 from contrastkit.losses import build_queue_loss
-from contrastkit.methods.base import ParamGroup, SSLMethod, build_predictor, build_projector, check_no_options, check_two_views
+from contrastkit.methods.base import SSLMethod, build_predictor, build_projector, check_no_options, check_two_views
 from contrastkit.models import MemoryQueue, nearest_neighbours
 
 
@@ -63,9 +63,3 @@ class NNCLR(SSLMethod):
         self.queue.push(z1.detach())
         return {"loss": loss}
 
-    def parameter_groups(self) -> list[ParamGroup]:
-        return [
-            ParamGroup("backbone", list(self.backbone.parameters())),
-            ParamGroup("projector", list(self.projector.parameters())),
-            ParamGroup("predictor", list(self.predictor.parameters())),
-        ]

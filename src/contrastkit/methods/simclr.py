@@ -16,7 +16,7 @@ from torch import nn
 
 from contrastkit.config import MethodConfig
 from contrastkit.losses import build_loss
-from contrastkit.methods.base import ParamGroup, SSLMethod, build_projector
+from contrastkit.methods.base import SSLMethod, build_projector
 
 
 def build_contrastive_loss(cfg: MethodConfig) -> nn.Module:
@@ -41,8 +41,3 @@ class SimCLR(SSLMethod):
         loss = sum(self.criterion(z[i], z[j]) for i, j in pairs) / len(pairs)
         return {"loss": loss}
 
-    def parameter_groups(self) -> list[ParamGroup]:
-        return [
-            ParamGroup("backbone", list(self.backbone.parameters())),
-            ParamGroup("projector", list(self.projector.parameters())),
-        ]
