@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,35 +102,13 @@ def extract_features(
     inv_std_t = 1.0 / torch.tensor(std_list, dtype=torch.float32, device=dev).view(1, channels, 1, 1)
     resize = size is not None and (height, width) != (size, size)
 
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    out: Tensor | None = None
-    try:
-        with torch.inference_mode(), tqdm(
-            total=n, desc="extracting features", unit="img", disable=not progress, leave=False
-        ) as bar:
-            for start in range(0, n, batch_size):
-                x = images[start : start + batch_size].to(dev, non_blocking=True).float().div_(255.0)  # B x C x H x W
-                if resize:
-                    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-                x = x.sub_(mean_t).mul_(inv_std_t)  # B x C x size x size
-                y = model(x)
-                if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0]:
-                    got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-                    raise ConfigError(
-                        f"the model must return a (batch, dim) feature tensor, got {got} for a batch of {x.shape[0]}; "
-                        "pass the backbone (ending in global pooling + flatten), not a model returning maps or dicts"
-                    )
-                if out is None:
-                    with torch.inference_mode(False):  # a normal tensor, so callers can use it with autograd
-                        out = torch.empty(n, y.shape[1], dtype=torch.float32, device=dev)  # N x D
-                out[start : start + y.shape[0]].copy_(y)  # cast to float32
-                bar.update(y.shape[0])
-    finally:
-        for module, training in modes:
-            module.training = training
-    assert out is not None
-    return out
+    def preprocess(batch: Tensor) -> Tensor:  # uint8 B x C x H x W -> normalised float B x C x size x size
+        x = batch.float().div_(255.0)
+        if resize:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return x.sub_(mean_t).mul_(inv_std_t)
+
+    return _forward_in_batches(model, images, dev, batch_size, preprocess, "extracting features", progress)
 
 
 def extract_augmented_features(
@@ -169,7 +147,7 @@ def extract_augmented_features(
     if not isinstance(policy, ViewPolicy):
         raise ConfigError(f"policy must be a contrastkit.augment.ViewPolicy, got {type(policy).__name__}")
     batch_size = positive_int(batch_size, "batch_size")
-    n, channels = int(images.shape[0]), int(images.shape[1])
+    channels = int(images.shape[1])
     mean_list, std_list = _stats_arg(mean, "mean", channels), _stats_arg(std, "std", channels)
     model_device = _model_device(model)
     dev = resolve_device(device, model_device if model_device is not None else torch.device("cpu"))
@@ -179,23 +157,36 @@ def extract_augmented_features(
         )
     views = ViewGenerator([policy], mean_list, std_list)
     generator = torch.Generator(device=dev).manual_seed(int(seed))
+    def preprocess(batch: Tensor) -> Tensor:  # uint8 B x C x H x W -> one augmented, normalised view
+        (x,) = views(batch, generator=generator)
+        return x
+
+    return _forward_in_batches(model, images, dev, batch_size, preprocess, "extracting augmented features", progress)
+
+
+def _forward_in_batches(model: nn.Module, images: Tensor, dev: torch.device, batch_size: int,
+                        preprocess: Callable[[Tensor], Tensor], desc: str, progress: bool) -> Tensor:
+    """Run ``model`` in eval mode under inference mode on ``preprocess(batch)`` for every batch of the uint8
+    ``images`` (moved to ``dev``); return the float32 ``N x D`` features and restore each sub-module's mode."""
+    n = int(images.shape[0])
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     out: Tensor | None = None
     try:
-        with torch.inference_mode(), tqdm(
-            total=n, desc="extracting augmented features", unit="img", disable=not progress, leave=False
-        ) as bar:
+        with torch.inference_mode(), tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
             for start in range(0, n, batch_size):
-                batch = images[start : start + batch_size].to(dev, non_blocking=True)  # B x C x H x W uint8
-                (x,) = views(batch, generator=generator)  # B x C x s x s, normalised
+                x = preprocess(images[start : start + batch_size].to(dev, non_blocking=True))  # B x C x s x s
                 y = model(x)
                 if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0]:
-                    raise ConfigError("the model must return a (batch, dim) feature tensor")
+                    got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+                    raise ConfigError(
+                        f"the model must return a (batch, dim) feature tensor, got {got} for a batch of {x.shape[0]}; "
+                        "pass the backbone (ending in global pooling + flatten), not a model returning maps or dicts"
+                    )
                 if out is None:
-                    with torch.inference_mode(False):
+                    with torch.inference_mode(False):  # a normal tensor, so callers can use it with autograd
                         out = torch.empty(n, y.shape[1], dtype=torch.float32, device=dev)  # N x D
-                out[start : start + y.shape[0]].copy_(y)
+                out[start : start + y.shape[0]].copy_(y)  # cast to float32
                 bar.update(y.shape[0])
     finally:
         for module, training in modes:
