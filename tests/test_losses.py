@@ -17,8 +17,8 @@ from contrastkit.losses import (
     build_loss,
     contrastive_from_logits,
     dclw_weights,
+    distributed,
 )
-from contrastkit.losses import distributed
 
 BATCH_SIZES = [2, 5, 16]
 TEMPERATURES = [0.07, 0.1, 0.5, 1.0]

@@ -4,6 +4,7 @@ query-key (queue / support-set) variants of MoCo and NNCLR, BYOL's normalised MS
 >>> from contrastkit.losses import InfoNCELoss, DCLLoss, DCLWLoss, build_loss
 """
 
+from contrastkit.losses.barlow import BarlowTwinsLoss
 from contrastkit.losses.contrastive import (
     LOSSES,
     DCLLoss,
@@ -13,7 +14,6 @@ from contrastkit.losses.contrastive import (
     contrastive_from_logits,
     dclw_weights,
 )
-from contrastkit.losses.barlow import BarlowTwinsLoss
 from contrastkit.losses.queue import (
     QUEUE_LOSSES,
     QueueContrastiveLoss,

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
 from contrastkit.losses import distributed
-from contrastkit.losses.contrastive import _at_least_float32, _autocast_disabled, _flag, _positive_float
+from contrastkit.losses.common import at_least_float32, autocast_disabled, check_flag, positive_float
 
 __all__ = ["BarlowTwinsLoss", "all_reduce_sum"]
 
@@ -74,9 +74,9 @@ class BarlowTwinsLoss(nn.Module):
                 or lambda_ < 0:
             raise ConfigError(f"barlow lambda must be a finite number >= 0, got {lambda_!r}; the paper uses 0.0051")
         self.lambda_ = float(lambda_)
-        self.scale = _positive_float("barlow scale", scale, "use 1.0 (paper) or 0.1 (solo-learn CIFAR)")
-        self.eps = _positive_float("eps", eps, "use 1e-5")
-        self.gather_distributed = _flag("gather_distributed", gather_distributed)
+        self.scale = positive_float("barlow scale", scale, "use 1.0 (paper) or 0.1 (solo-learn CIFAR)")
+        self.eps = positive_float("eps", eps, "use 1e-5")
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def extra_repr(self) -> str:
         return f"lambda_={self.lambda_}, scale={self.scale}, gather_distributed={self.gather_distributed}"
@@ -105,9 +105,9 @@ class BarlowTwinsLoss(nn.Module):
             raise ConfigError(
                 f"z1 and z2 must both have shape (n, D), got {tuple(z1.shape)} and {tuple(z2.shape)}"
             )
-        with _autocast_disabled(z1.device.type):
-            z1 = _at_least_float32(z1)
-            z2 = _at_least_float32(z2).to(z1.dtype)
+        with autocast_disabled(z1.device.type):
+            z1 = at_least_float32(z1)
+            z2 = at_least_float32(z2).to(z1.dtype)
             # Global batch size as a tensor (one tiny all-reduce, no host sync).
             total = self._sum_over_processes(torch.full((), z1.shape[0], dtype=z1.dtype, device=z1.device))
             a = self._standardise(z1, total)  # nxD

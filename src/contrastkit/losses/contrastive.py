@@ -15,11 +15,8 @@ whose negatives come from elsewhere (a MoCo queue, NNCLR's support set).
 
 from __future__ import annotations
 
-import contextlib
 import inspect
-import math
-import numbers
-from typing import Any, ContextManager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +24,7 @@ from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
 from contrastkit.losses import distributed
+from contrastkit.losses.common import at_least_float32, autocast_disabled, check_flag, check_pair, positive_float
 
 __all__ = [
     "DCLLoss",
@@ -37,46 +35,6 @@ __all__ = [
     "contrastive_from_logits",
     "dclw_weights",
 ]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Validation helpers
-# ----------------------------------------------------------------------------------------------------------------------
-
-
-def _positive_float(name: str, value: object, hint: str) -> float:
-    """Return ``value`` as a float, or raise ConfigError unless it is a finite real number > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}; {hint}")
-    return float(value)
-
-
-def _flag(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
-def _check_views(z1: Tensor, z2: Tensor) -> None:
-    if z1.ndim != 2 or z2.ndim != 2 or z1.shape != z2.shape:
-        raise ConfigError(
-            f"z1 and z2 must both have shape (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}; "
-            "pass the projections of the two views of the same N images, flattened to 2-D"
-        )
-
-
-def _autocast_disabled(device_type: str) -> ContextManager[Any]:
-    """Context that turns autocast off on ``device_type`` (a no-op where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    """Cast half-precision (and integer) tensors to float32; float32 and float64 are kept."""
-    if x.dtype in (torch.float32, torch.float64):
-        return x
-    return x.float()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -145,7 +103,7 @@ def dclw_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
     Returns:
         Weights of shape ``(N,)``, detached from the graph.
     """
-    sigma = _positive_float("sigma", sigma, "use the DCL paper's default sigma=0.5")
+    sigma = positive_float("sigma", sigma, "use the DCL paper's default sigma=0.5")
     with torch.no_grad():
         sim = (z1 * z2).sum(dim=1)  # N
         return 2.0 - sim.shape[0] * torch.softmax(sim / sigma, dim=0)  # N
@@ -163,10 +121,10 @@ class _TwoViewContrastiveLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = False) -> None:
         super().__init__()
-        self.temperature = _positive_float(
+        self.temperature = positive_float(
             "temperature", temperature, "use a small positive value such as 0.1 (typical range 0.05-0.5)"
         )
-        self.gather_distributed = _flag("gather_distributed", gather_distributed)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
@@ -185,10 +143,10 @@ class _TwoViewContrastiveLoss(nn.Module):
         Returns:
             Scalar loss (float32, or float64 for float64 inputs): the mean over this process's ``2n`` anchors.
         """
-        _check_views(z1, z2)
-        with _autocast_disabled(z1.device.type):
-            z1 = F.normalize(_at_least_float32(z1), dim=1)  # nxD
-            z2 = F.normalize(_at_least_float32(z2), dim=1)  # nxD
+        check_pair(z1, z2)
+        with autocast_disabled(z1.device.type):
+            z1 = F.normalize(at_least_float32(z1), dim=1)  # nxD
+            z2 = F.normalize(at_least_float32(z2), dim=1)  # nxD
             n = z1.shape[0]
             if self.gather_distributed and distributed.world_size() > 1:
                 z1_all = distributed.gather(z1)  # NxD, N = world_size * n
@@ -315,7 +273,7 @@ class DCLWLoss(DCLLoss):
 
     def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False) -> None:
         super().__init__(temperature=temperature, gather_distributed=gather_distributed)
-        self.sigma = _positive_float("sigma", sigma, "use the DCL paper's default sigma=0.5")
+        self.sigma = positive_float("sigma", sigma, "use the DCL paper's default sigma=0.5")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, sigma={self.sigma}, gather_distributed={self.gather_distributed}"

@@ -40,14 +40,8 @@ from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
 from contrastkit.losses import distributed
-from contrastkit.losses.contrastive import (
-    _at_least_float32,
-    _autocast_disabled,
-    _flag,
-    _positive_float,
-    contrastive_from_logits,
-    dclw_weights,
-)
+from contrastkit.losses.common import at_least_float32, autocast_disabled, check_flag, positive_float
+from contrastkit.losses.contrastive import contrastive_from_logits, dclw_weights
 
 __all__ = [
     "QUEUE_LOSSES",
@@ -78,10 +72,10 @@ class QueueContrastiveLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.2, gather_distributed: bool = False) -> None:
         super().__init__()
-        self.temperature = _positive_float(
+        self.temperature = positive_float(
             "temperature", temperature, "use a small positive value such as 0.2 (typical range 0.05-0.5)"
         )
-        self.gather_distributed = _flag("gather_distributed", gather_distributed)
+        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
@@ -118,9 +112,9 @@ class QueueContrastiveLoss(nn.Module):
             )
         if negatives is not None and negatives.shape[0] == 0:
             raise ConfigError("the bank of negatives is empty; pass negatives=None to use the other keys instead")
-        with _autocast_disabled(query.device.type):
-            q = F.normalize(_at_least_float32(query), dim=1)  # nxD
-            k = F.normalize(_at_least_float32(key), dim=1).to(q.dtype)  # nxD
+        with autocast_disabled(query.device.type):
+            q = F.normalize(at_least_float32(query), dim=1)  # nxD
+            k = F.normalize(at_least_float32(key), dim=1).to(q.dtype)  # nxD
             n = q.shape[0]
             pos = (q * k).sum(dim=1) / self.temperature  # n
             if negatives is not None:
@@ -174,7 +168,7 @@ class QueueDCLWLoss(QueueDCLLoss):
 
     def __init__(self, temperature: float = 0.2, sigma: float = 0.5, gather_distributed: bool = False) -> None:
         super().__init__(temperature=temperature, gather_distributed=gather_distributed)
-        self.sigma = _positive_float("sigma", sigma, "use the DCL paper's default sigma=0.5")
+        self.sigma = positive_float("sigma", sigma, "use the DCL paper's default sigma=0.5")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, sigma={self.sigma}, gather_distributed={self.gather_distributed}"

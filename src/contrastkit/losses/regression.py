@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
-from contrastkit.losses.contrastive import _at_least_float32, _autocast_disabled
+from contrastkit.losses.common import at_least_float32, autocast_disabled
 
 __all__ = ["NormalizedMSELoss"]
 
@@ -45,7 +45,7 @@ class NormalizedMSELoss(nn.Module):
                 f"prediction and target must both have shape (n, D), got {tuple(prediction.shape)} and "
                 f"{tuple(target.shape)}"
             )
-        with _autocast_disabled(prediction.device.type):
-            p = F.normalize(_at_least_float32(prediction), dim=1)  # nxD
-            z = F.normalize(_at_least_float32(target), dim=1).to(p.dtype)  # nxD
+        with autocast_disabled(prediction.device.type):
+            p = F.normalize(at_least_float32(prediction), dim=1)  # nxD
+            z = F.normalize(at_least_float32(target), dim=1).to(p.dtype)  # nxD
             return (2.0 - 2.0 * (p * z).sum(dim=1)).mean()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from contrastkit.errors import ConfigError
-from contrastkit.losses.contrastive import _at_least_float32, _autocast_disabled
+from contrastkit.losses.common import at_least_float32, autocast_disabled
 
 __all__ = ["Neighbours", "cosine_similarities", "nearest_neighbours"]
 
@@ -53,8 +53,8 @@ def cosine_similarities(query: Tensor, bank: Tensor) -> Tensor:
         bank: ``M x D`` embeddings.
     """
     _check(query, bank)
-    with _autocast_disabled(query.device.type):
-        q = F.normalize(_at_least_float32(query), dim=1)  # NxD
+    with autocast_disabled(query.device.type):
+        q = F.normalize(at_least_float32(query), dim=1)  # NxD
         b = F.normalize(bank.to(q.dtype), dim=1)  # MxD
         return q @ b.T  # NxM
 
@@ -77,8 +77,8 @@ def nearest_neighbours(query: Tensor, bank: Tensor, k: int = 1, chunk_size: int 
     _check(query, bank)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= bank.shape[0]:
         raise ConfigError(f"k must be an integer in [1, {bank.shape[0]}] (the bank size), got {k!r}")
-    with _autocast_disabled(query.device.type):
-        q = F.normalize(_at_least_float32(query), dim=1)  # NxD
+    with autocast_disabled(query.device.type):
+        q = F.normalize(at_least_float32(query), dim=1)  # NxD
         b = F.normalize(bank.to(q.dtype), dim=1)  # MxD
         sims, idx = [], []
         for s in _chunks(q.shape[0], chunk_size):

@@ -1,0 +1,54 @@
+"""Helpers shared by every loss (and by :mod:`contrastkit.models.neighbours`): argument validation and the
+numerics rule of the package (similarities in at least float32 with autocast off, so bf16/fp16 training is safe).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from typing import Any, ContextManager
+
+import torch
+from torch import Tensor
+
+from contrastkit.errors import ConfigError
+
+__all__ = ["at_least_float32", "autocast_disabled", "check_flag", "check_pair", "positive_float"]
+
+
+def positive_float(name: str, value: object, hint: str) -> float:
+    """Return ``value`` as a float, or raise ConfigError unless it is a finite real number > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}; {hint}")
+    return float(value)
+
+
+def check_flag(name: str, value: object) -> bool:
+    """Return ``value`` if it is a bool, else raise ConfigError naming ``name``."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def check_pair(z1: Tensor, z2: Tensor) -> None:
+    """Raise ConfigError unless ``z1`` and ``z2`` are 2-D tensors of the same shape (two views of N images)."""
+    if z1.ndim != 2 or z2.ndim != 2 or z1.shape != z2.shape:
+        raise ConfigError(
+            f"z1 and z2 must both have shape (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}; "
+            "pass the projections of the two views of the same N images, flattened to 2-D"
+        )
+
+
+def autocast_disabled(device_type: str) -> ContextManager[Any]:
+    """Context that turns autocast off on ``device_type`` (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def at_least_float32(x: Tensor) -> Tensor:
+    """Cast half-precision (and integer) tensors to float32; float32 and float64 are kept."""
+    if x.dtype in (torch.float32, torch.float64):
+        return x
+    return x.float()
