@@ -11,7 +11,8 @@ Contract:
   already augmented and normalised); ``progress`` in ``[0, 1]`` is the fraction of training done (for schedules such
   as a momentum that rises to 1). Returns a dict with the scalar ``"loss"`` and any other scalars to log.
 - ``after_optimizer_step(progress)``: called once per optimizer step (after gradient accumulation), for EMA
-  teachers and similar updates. Default: nothing.
+  teachers and similar updates. Default: the momentum update of the teacher made by :meth:`SSLMethod.add_teacher`,
+  if the method has one; nothing otherwise.
 - ``parameter_groups() -> list[ParamGroup]``: named groups with a learning-rate factor (e.g. a predictor at 10x).
   Every trainable parameter appears in exactly one group; the trainer splits each group further into weight-decay /
   no-weight-decay parts.
@@ -26,7 +27,7 @@ from torch import nn
 
 from contrastkit.config import MethodConfig
 from contrastkit.errors import ConfigError
-from contrastkit.models import mlp
+from contrastkit.models import MomentumTeacher, cosine_momentum, mlp
 
 
 @dataclass
@@ -73,8 +74,19 @@ class SSLMethod(nn.Module):
     def forward_loss(self, views: list[torch.Tensor], progress: float) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def add_teacher(self, **students: nn.Module) -> MomentumTeacher:
+        """Give the method a momentum teacher (``self.teacher``): EMA copies of ``students`` (e.g.
+        ``backbone=self.backbone, projector=self.projector``), reachable as ``self.teacher.<name>``. The default
+        :meth:`after_optimizer_step` then updates it with momentum ``cosine_momentum(cfg.momentum_base,
+        cfg.momentum_final, progress)``; ``momentum_final == momentum_base`` gives MoCo's fixed momentum."""
+        self.teacher = MomentumTeacher(students)
+        return self.teacher
+
     def after_optimizer_step(self, progress: float) -> None:
-        """Hook called once per optimizer step (EMA updates and the like)."""
+        """Hook called once per optimizer step: the EMA update of the teacher, if :meth:`add_teacher` made one."""
+        teacher = getattr(self, "teacher", None)
+        if isinstance(teacher, MomentumTeacher):
+            teacher.update(cosine_momentum(self.cfg.momentum_base, self.cfg.momentum_final, progress))
 
     def parameter_groups(self) -> list[ParamGroup]:
         """One group per direct sub-module with trainable parameters, named after it (``backbone``,

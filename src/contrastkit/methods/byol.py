@@ -29,7 +29,6 @@ from contrastkit.methods.base import (
     check_no_options,
     check_two_views,
 )
-from contrastkit.models import MomentumTeacher, cosine_momentum
 
 
 class BYOL(SSLMethod):
@@ -40,7 +39,7 @@ class BYOL(SSLMethod):
         super().__init__(backbone, feature_dim, cfg)
         self.projector = build_projector(feature_dim, cfg)
         self.predictor = build_predictor(cfg)
-        self.teacher = MomentumTeacher({"backbone": self.backbone, "projector": self.projector})
+        self.add_teacher(backbone=self.backbone, projector=self.projector)
         self.criterion = NormalizedMSELoss()
 
     def forward_loss(self, views: list[torch.Tensor], progress: float) -> dict[str, torch.Tensor]:
@@ -51,7 +50,4 @@ class BYOL(SSLMethod):
             t1, t2 = [self.teacher.projector(h) for h in self.encode_views(views, self.teacher.backbone)]  # BxP
         loss = self.criterion(p1, t2) + self.criterion(p2, t1)
         return {"loss": loss}
-
-    def after_optimizer_step(self, progress: float) -> None:
-        self.teacher.update(cosine_momentum(self.cfg.momentum_base, self.cfg.momentum_final, progress))
 

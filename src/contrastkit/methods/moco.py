@@ -54,7 +54,7 @@ from contrastkit.config import MethodConfig
 from contrastkit.errors import ConfigError
 from contrastkit.losses import build_queue_loss, distributed
 from contrastkit.methods.base import SSLMethod, build_projector, check_no_options, check_two_views
-from contrastkit.models import MemoryQueue, MomentumTeacher, cosine_momentum
+from contrastkit.models import MemoryQueue
 from contrastkit.models.queue import gather_no_grad
 
 Encoder = Callable[[Tensor], Tensor]
@@ -124,7 +124,7 @@ class MoCo(SSLMethod):
         if cfg.shuffle_bn == "sync":
             self.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(self.backbone)
             self.projector = nn.SyncBatchNorm.convert_sync_batchnorm(self.projector)
-        self.teacher = MomentumTeacher({"backbone": self.backbone, "projector": self.projector})
+        self.add_teacher(backbone=self.backbone, projector=self.projector)
         self.queue = MemoryQueue(cfg.queue_size, cfg.proj_out_dim, gather_distributed=cfg.gather_distributed)
         self.criterion = build_queue_loss(
             cfg.loss, temperature=cfg.temperature, sigma=cfg.sigma, gather_distributed=cfg.gather_distributed
@@ -169,7 +169,4 @@ class MoCo(SSLMethod):
         for keys in k:
             self.queue.push(keys)
         return {"loss": loss}
-
-    def after_optimizer_step(self, progress: float) -> None:
-        self.teacher.update(cosine_momentum(self.cfg.momentum_base, self.cfg.momentum_final, progress))
 
