@@ -6,21 +6,16 @@ One spawn checks all three losses; the workers write their results to ``tmp_path
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from contrastkit.losses import build_loss
-from contrastkit.losses import distributed
+from contrastkit.losses import build_loss, distributed
+
+from distributed_utils import run_gloo
 
 WORLD = 2
 N_LOCAL = 4  # pairs per process
@@ -69,50 +64,26 @@ def _ddp_step_grads(kind: str, model: nn.Module, x1: Tensor, x2: Tensor) -> dict
     return {name: p.grad.detach().clone() for name, p in params.named_parameters()}
 
 
-def _worker(rank: int, world: int, port: int, data: dict[str, Tensor], out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        local = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
-        results: dict[str, object] = {
-            "world_size": distributed.world_size(),
-            "rank": distributed.rank(),
-            "offset": distributed.rank_offset(N_LOCAL),
-            "gathered": distributed.gather(data["z1"][local]),
-        }
-        for kind in KINDS:
-            for gather in (True, False):
-                results[f"{kind}/gather={gather}"] = _loss_and_grads(kind, gather, data["z1"][local], data["z2"][local])
-            ddp = DistributedDataParallel(_linear(data))
-            results[f"{kind}/ddp"] = _ddp_step_grads(kind, ddp, data["x1"][local], data["x2"][local])
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_workers(data: dict[str, Tensor], out_dir: Path) -> list[dict]:
-    context = mp.spawn(_worker, args=(WORLD, _free_port(), data, str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):  # re-raises a worker's exception
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+def _worker(rank: int, world: int, data: dict[str, Tensor]) -> dict[str, object]:
+    local = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    results: dict[str, object] = {
+        "world_size": distributed.world_size(),
+        "rank": distributed.rank(),
+        "offset": distributed.rank_offset(N_LOCAL),
+        "gathered": distributed.gather(data["z1"][local]),
+    }
+    for kind in KINDS:
+        for gather in (True, False):
+            results[f"{kind}/gather={gather}"] = _loss_and_grads(kind, gather, data["z1"][local], data["z2"][local])
+        ddp = DistributedDataParallel(_linear(data))
+        results[f"{kind}/ddp"] = _ddp_step_grads(kind, ddp, data["x1"][local], data["x2"][local])
+    return results
 
 
 @pytest.mark.slow
 def test_gather_distributed_matches_single_process(tmp_path: Path) -> None:
     data = _make_data()
-    results = _run_workers(data, tmp_path)
+    results = run_gloo(_worker, WORLD, tmp_path, data, timeout_s=TIMEOUT_S)
 
     for r, res in enumerate(results):
         assert (res["world_size"], res["rank"], res["offset"]) == (WORLD, r, r * N_LOCAL)

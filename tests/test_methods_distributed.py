@@ -13,21 +13,17 @@ One spawn runs every case; the workers write their results to ``tmp_path`` and t
 
 from __future__ import annotations
 
-import os
-import socket
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from contrastkit.config import load_config
 from contrastkit.methods import SSLMethod, build_method
+
+from distributed_utils import run_gloo
 
 WORLD = 2
 N = 8  # global batch; N / WORLD per process
@@ -119,37 +115,13 @@ def _train(method: SSLMethod, step_views: list[list[Tensor]], ddp: bool) -> dict
     return out
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        n = N // world
-        local = [[v[rank * n : (rank + 1) * n] for v in views] for views in _data()]
-        results = {case: _train(_build(case), local, ddp=True) for case in CASES}
-        # control: Barlow with local statistics (gather_distributed=false) must NOT match one process
-        results["barlow-local"] = _train(_build("barlow", ["method.gather_distributed=false"]), local, ddp=True)
-        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_workers(out_dir: Path) -> list[dict]:
-    context = mp.spawn(_worker, args=(WORLD, _free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):  # re-raises a worker's exception
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+def _worker(rank: int, world: int) -> dict[str, object]:
+    n = N // world
+    local = [[v[rank * n : (rank + 1) * n] for v in views] for views in _data()]
+    results = {case: _train(_build(case), local, ddp=True) for case in CASES}
+    # control: Barlow with local statistics (gather_distributed=false) must NOT match one process
+    results["barlow-local"] = _train(_build("barlow", ["method.gather_distributed=false"]), local, ddp=True)
+    return results
 
 
 def _close(a: Tensor, b: Tensor, msg: str) -> None:
@@ -158,7 +130,7 @@ def _close(a: Tensor, b: Tensor, msg: str) -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path: Path) -> None:
-    results = _run_workers(tmp_path)
+    results = run_gloo(_worker, WORLD, tmp_path, timeout_s=TIMEOUT_S)
     data = _data()
     for case in CASES:
         ref = _train(_build(case), data, ddp=False)  # one process, whole batch

@@ -1,0 +1,51 @@
+"""Run a function in W gloo CPU processes (the harness of the multi-process tests).
+
+``run_gloo(fn, world, out_dir, *args)`` spawns ``world`` processes; each sets up a gloo process group on a free
+local port, calls ``fn(rank, world, *args)`` with one torch thread, and saves the dict it returns to
+``out_dir/rank{r}.pt``. The parent waits at most ``timeout_s`` (a worker's exception is re-raised, a hang fails the
+test) and returns the W dicts in rank order. ``fn`` must be a module-level function (it is pickled by name).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable[..., dict], out_dir: str, args: tuple) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        torch.save(fn(rank, world, *args), Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_gloo(fn: Callable[..., dict[str, Any]], world: int, out_dir: Path, *args: Any,
+             timeout_s: float = 120) -> list[dict[str, Any]]:
+    context = mp.spawn(_worker, args=(world, free_port(), fn, str(out_dir), args), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not context.join(timeout=1):  # re-raises a worker's exception
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers did not finish within {timeout_s} s")
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
