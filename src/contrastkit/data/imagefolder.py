@@ -215,7 +215,7 @@ def _write_cache(
                 for start in range(0, n, _BATCH):
                     list(pool.map(decode_into, range(start, min(n, start + _BATCH))))
         out.flush()
-        del out
+        out = None  # drop the memory map before the file is renamed into place
         if meta["classes"] is not None:
             labels = np.array([f[3] for f in files], dtype=np.int64)  # N
             atomic_write(prefix.with_name(prefix.name + ".labels.npy"), lambda p: _save_npy(p, labels))
