@@ -107,3 +107,23 @@ def test_diverging_loss_stops_without_result(tmp_path, tiny_overrides):
 def test_resume_missing_checkpoint(tmp_path, tiny_overrides):
     proc = _run(["train", *tiny_overrides, f"train.resume={tmp_path / 'none.ckpt'}"], tmp_path)
     _assert_clean_error(proc, "none.ckpt")
+
+
+@pytest.mark.slow
+def test_bench_throughput_json_record(tmp_path, monkeypatch, capsys):
+    # A seconds-long bench: one JSON record per setting, consistent numbers, and no checkpoint left behind.
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["bench", "throughput", "--backbone", "small_resnet", "--dataset", "synthetic", "--batch-size", "32",
+                 "--steps", "3", "--warmup", "1", "--json", "model.widths=[8,16]", "data.options={n: 256, channels: 3}"])
+    assert code == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1
+    rec = json.loads(lines[0])
+    assert rec["backbone"] == "small_resnet" and rec["batch_size"] == 32 and rec["image_shape"] == [3, 32, 32]
+    for key in ("views_images_per_sec", "model_images_per_sec", "end_to_end_images_per_sec", "peak_memory_mb"):
+        assert rec[key] > 0, key
+    assert rec["ratio_end_to_end_over_model"] == pytest.approx(
+        rec["end_to_end_images_per_sec"] / rec["model_images_per_sec"], abs=2e-3)
+    assert not list(tmp_path.rglob("*.ckpt"))

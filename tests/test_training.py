@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from contrastkit.config import load_config
-from contrastkit.training.run import train
+from contrastkit.training.module import SSLModule
+from contrastkit.training.run import final_evaluation, load_monitor_sets, load_split, train
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +37,25 @@ def test_short_training_beats_random_init(tiny_overrides):
     assert (res.run_dir / "checkpoints" / "epoch=005.ckpt").is_file()
     assert (res.run_dir / "logs" / "csv" / "metrics.csv").is_file()
     assert any((res.run_dir / "logs" / "tensorboard").iterdir())
+
+
+def test_final_linear_probe_reuses_the_monitor_features(tiny_overrides, monkeypatch):
+    # The kNN monitor embeds bank and queries with the final weights; the linear probe must use those features
+    # instead of extracting them again, and must equal a probe on freshly extracted features.
+    import contrastkit.evaluation as ev
+
+    calls = []
+    real = ev.extract_features
+    monkeypatch.setattr(ev, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cfg = load_config(None, tiny_overrides + ["eval.linear=true", "eval.linear_epochs=5", "train.epochs=1"])
+    res = train(cfg)
+    assert calls == [], "final_evaluation extracted features the monitor already had"
+    module = SSLModule.load_from_checkpoint(res.last_checkpoint, map_location="cpu", weights_only=False)
+    bank, query = load_monitor_sets(cfg)
+    mean, std = load_split(cfg, "train").channel_stats()
+    fresh = final_evaluation(cfg, module, mean, std, bank, query)  # features=None: extracted here
+    assert len(calls) == 2
+    assert fresh["linear_top1"] == res.metrics["linear_top1"]
 
 
 class _StopAfterFirstEpoch(L.Callback):

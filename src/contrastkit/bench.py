@@ -18,6 +18,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -118,9 +119,7 @@ def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, ste
     cfg.train.max_steps = warmup + steps + 1
     cfg.train.epochs = max(1, (warmup + steps + 1) // max(1, spe) + 1)
     timer = _StepTimer(warmup)
-    trainer = build_trainer(cfg, [timer], __import__("pathlib").Path(cfg.train.run_dir))
-    trainer.checkpoint_callback.save_last = False  # type: ignore[union-attr]
-    trainer.checkpoint_callback._every_n_epochs = 0  # type: ignore[union-attr]
+    trainer = build_trainer(cfg, [timer], Path(cfg.train.run_dir), checkpoints=False)
     e2e = SSLModule(cfg.to_dict(), data.channels, int(data.images.shape[-1]), mean, std, spe, 1)
     e2e.attach_images(data.images)
     if dev.type == "cuda":

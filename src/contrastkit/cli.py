@@ -66,7 +66,8 @@ def cmd_train(args: argparse.Namespace) -> int:
              f"{m['knn_top1']:.2f}")]
     if "random_init_knn" in m:
         rows.append((f"random-init {cfg.model.backbone}", f"{m['random_init_knn']['top1']:.2f}"))
-        rows.append(("raw pixels", f"{m['raw_pixels_knn']['top1']:.2f}"))
+        rows.append(("raw pixels (normalised)", f"{m['raw_pixels_knn']['top1']:.2f}"))
+        rows.append(("raw pixels (in [0, 1])", f"{m['raw_pixels_unnormalised_knn']['top1']:.2f}"))
     if "linear_top1" in m:
         rows.append(("linear probe (trained backbone)", f"{m['linear_top1']:.2f}"))
     _print_table(rows, f"kNN top-1 on {cfg.data.name} {cfg.data.monitor_query_split} "

@@ -83,6 +83,8 @@ class KNNMonitor(L.Callback):
         bank, query: labelled image sets (uint8 tensors): the memory bank and the evaluated queries.
         mean, std: input normalisation. k: neighbours (200). temperature: (0.1). every_n_epochs: (1).
         batch_size: feature extraction batch (512). size: evaluation resize (None = native).
+        keep_features: keep the last evaluation's features as ``last_features = (global_step, bank, query)`` so that
+            a final evaluation at the same step (the linear probe) does not extract them again. Default False.
     """
 
     def __init__(
@@ -98,8 +100,11 @@ class KNNMonitor(L.Callback):
         batch_size: int = 512,
         size: int | None = None,
         clock: TrainClock | None = None,
+        keep_features: bool = False,
     ) -> None:
         self.clock = clock or TrainClock()
+        self.keep_features = keep_features
+        self.last_features: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.bank, self.query = bank, query
         self.mean, self.std = mean, std
         self.num_classes = num_classes
@@ -114,10 +119,12 @@ class KNNMonitor(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
 
-    def evaluate(self, backbone: torch.nn.Module, device: torch.device) -> dict[str, float]:
+    def evaluate(self, backbone: torch.nn.Module, device: torch.device, step: int = -1) -> dict[str, float]:
         bank_f = extract_features(backbone, self.bank.images, self.mean, self.std, self.batch_size, device, self.size)
         query_f = extract_features(backbone, self.query.images, self.mean, self.std, self.batch_size, device,
                                    self.size)
+        if self.keep_features:
+            self.last_features = (step, bank_f, query_f)
         assert self.bank.labels is not None and self.query.labels is not None
         return knn_evaluate(bank_f, self.bank.labels.to(device), query_f, self.query.labels.to(device),
                             self.num_classes, k=self.k, temperature=self.temperature)
@@ -128,7 +135,7 @@ class KNNMonitor(L.Callback):
             return
         if trainer.global_rank != 0:
             return
-        res = self.evaluate(pl_module.backbone, pl_module.device)  # type: ignore[attr-defined]
+        res = self.evaluate(pl_module.backbone, pl_module.device, trainer.global_step)  # type: ignore[attr-defined]
         self.history.append({"epoch": epoch, "step": trainer.global_step, "train_seconds": self.clock.train_seconds,
                              "knn_top1": res["top1"], "knn_top5": res["top5"]})
         pl_module.log("knn/top1", res["top1"], rank_zero_only=True, prog_bar=True)

@@ -94,13 +94,16 @@ def _precision(p: str) -> str:
     return "32-true" if str(p) == "32" else str(p)
 
 
-def build_trainer(cfg: Config, callbacks: list[L.Callback], run_dir: Path) -> L.Trainer:
-    """A Lightning trainer configured from ``cfg.train`` (devices, strategy, precision, loggers, checkpoints)."""
-    ckpt_cb = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="epoch={epoch:03d}", auto_insert_metric_name=False,
-        every_n_epochs=1, save_top_k=-1, save_last=True,
-    )
-    cbs: list[L.Callback] = [ckpt_cb, *callbacks]
+def build_trainer(cfg: Config, callbacks: list[L.Callback], run_dir: Path, checkpoints: bool = True) -> L.Trainer:
+    """A Lightning trainer configured from ``cfg.train`` (devices, strategy, precision, loggers, checkpoints).
+
+    ``checkpoints=False`` writes no checkpoint at all (benchmarks)."""
+    cbs: list[L.Callback] = list(callbacks)
+    if checkpoints:
+        cbs.insert(0, ModelCheckpoint(
+            dirpath=run_dir / "checkpoints", filename="epoch={epoch:03d}", auto_insert_metric_name=False,
+            every_n_epochs=1, save_top_k=-1, save_last=True,
+        ))
     if cfg.train.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=10))
     try:
@@ -120,6 +123,7 @@ def build_trainer(cfg: Config, callbacks: list[L.Callback], run_dir: Path) -> L.
                 TensorBoardLogger(run_dir / "logs", name="tensorboard", version=""),
             ],
             callbacks=cbs,
+            enable_checkpointing=checkpoints,
             log_every_n_steps=cfg.train.log_every_n_steps,
             enable_progress_bar=cfg.train.progress_bar,
             enable_model_summary=False,
@@ -164,12 +168,12 @@ def train(cfg: Config, callbacks: list[L.Callback] | None = None) -> TrainResult
     if monitor_sets is not None:
         bank, query = monitor_sets
         num_classes = int(max(bank.labels.max(), query.labels.max())) + 1  # type: ignore[union-attr]
-        crop = cfg.views.crop_size
-        size = crop if crop and crop != data.images.shape[-1] else None
         knn_cb = KNNMonitor(bank, query, mean, std, num_classes, k=cfg.train.knn_k,
                             temperature=cfg.train.knn_temperature,
                             every_n_epochs=cfg.train.knn_every_n_epochs if cfg.train.knn_every_n_epochs > 0
-                            else 10**9, batch_size=cfg.eval.batch_size, size=size, clock=clock)
+                            else 10**9, batch_size=cfg.eval.batch_size,
+                            size=eval_size(cfg, int(data.images.shape[-1])), clock=clock,
+                            keep_features=cfg.eval.linear)
         extra.append(knn_cb)
 
     online_cb = None
@@ -218,20 +222,38 @@ def train(cfg: Config, callbacks: list[L.Callback] | None = None) -> TrainResult
         metrics["online_linear_history"] = online_cb.history
         metrics["online_linear_top1"] = online_cb.history[-1]["online_linear_top1"]
     if trainer.global_rank == 0 and monitor_sets is not None and (cfg.eval.baselines or cfg.eval.linear):
-        metrics.update(final_evaluation(cfg, module, mean, std, *monitor_sets))
+        features = None
+        if knn_cb is not None and knn_cb.last_features is not None and knn_cb.last_features[0] == trainer.global_step:
+            features = knn_cb.last_features[1:]  # the monitor already embedded both sets with the final weights
+        metrics.update(final_evaluation(cfg, module, mean, std, *monitor_sets, features=features))
     last = run_dir / "checkpoints" / "last.ckpt"
     if trainer.global_rank == 0:
         write_json_atomic(run_dir / "results.json", metrics)
     return TrainResult(run_dir, last if last.exists() else None, metrics)
 
 
+def eval_size(cfg: Config, image_side: int) -> int | None:
+    """Evaluation input size: the training crop size when it differs from the stored images, else native."""
+    crop = cfg.views.crop_size
+    return crop if crop and crop != image_side else None
+
+
 def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: list[float], bank: ImageTensors,
-                     query: ImageTensors) -> dict[str, Any]:
-    """Baselines (random-init backbone, raw pixels) and the linear probe, on the monitor's labelled splits."""
+                     query: ImageTensors, features: tuple[torch.Tensor, torch.Tensor] | None = None
+                     ) -> dict[str, Any]:
+    """Baselines and the linear probe, on the monitor's labelled splits.
+
+    Baselines (``eval.baselines``): the same kNN on the random-init backbone, on raw pixels normalised per channel
+    like the network's input (``raw_pixels_knn``), and on raw pixels in [0, 1] (``raw_pixels_unnormalised_knn``;
+    cosine similarity of non-negative vectors, the weaker of the two, and the usual "raw pixels" row elsewhere).
+
+    ``features``: the trained backbone's ``(bank, query)`` features if already extracted (by the kNN monitor at
+    the final step); otherwise they are extracted here."""
     from contrastkit.evaluation import extract_features, knn_evaluate, linear_probe
     from contrastkit.models import build_backbone
 
     device = module.device
+    size = eval_size(cfg, int(module.hparams["image_size"]))
     assert bank.labels is not None and query.labels is not None
     yb, yq = bank.labels.to(device), query.labels.to(device)
     num_classes = int(max(yb.max(), yq.max())) + 1
@@ -242,16 +264,23 @@ def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: lis
         rand, _ = build_backbone(cfg.model.backbone, bank.channels, cfg.model.cifar_stem, cfg.model.widths,
                                  cfg.model.blocks, stem_stride=cfg.model.stem_stride)
         rand = rand.to(device)
-        fb = extract_features(rand, bank.images, mean, std, cfg.eval.batch_size, device)
-        fq = extract_features(rand, query.images, mean, std, cfg.eval.batch_size, device)
+        fb = extract_features(rand, bank.images, mean, std, cfg.eval.batch_size, device, size)
+        fq = extract_features(rand, query.images, mean, std, cfg.eval.batch_size, device, size)
         out["random_init_knn"] = knn_evaluate(fb, yb, fq, yq, num_classes, k=k, temperature=t)
         pix = torch.nn.Flatten()
         fb = extract_features(pix, bank.images, mean, std, cfg.eval.batch_size, device)
         fq = extract_features(pix, query.images, mean, std, cfg.eval.batch_size, device)
         out["raw_pixels_knn"] = knn_evaluate(fb, yb, fq, yq, num_classes, k=k, temperature=t)
+        zero, one = [0.0] * bank.channels, [1.0] * bank.channels  # pixels in [0, 1], not centred
+        fb = extract_features(pix, bank.images, zero, one, cfg.eval.batch_size, device)
+        fq = extract_features(pix, query.images, zero, one, cfg.eval.batch_size, device)
+        out["raw_pixels_unnormalised_knn"] = knn_evaluate(fb, yb, fq, yq, num_classes, k=k, temperature=t)
     if cfg.eval.linear:
-        fb = extract_features(module.backbone, bank.images, mean, std, cfg.eval.batch_size, device)
-        fq = extract_features(module.backbone, query.images, mean, std, cfg.eval.batch_size, device)
+        if features is not None:
+            fb, fq = features[0].to(device), features[1].to(device)
+        else:
+            fb = extract_features(module.backbone, bank.images, mean, std, cfg.eval.batch_size, device, size)
+            fq = extract_features(module.backbone, query.images, mean, std, cfg.eval.batch_size, device, size)
         res = linear_probe(fb, yb, fq, yq, num_classes, epochs=cfg.eval.linear_epochs, device=device,
                            seed=cfg.train.seed)
         out["linear"] = res.to_dict()
