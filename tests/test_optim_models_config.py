@@ -119,6 +119,21 @@ def test_resnet_state_dict_loads_into_torchvision():
     torch.testing.assert_close(tv.eval()(x), net.eval()(x))
 
 
+def test_convnet_layout_and_small_inputs():
+    net, d = build_backbone("convnet", 1)
+    assert d == 256
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 64, 128, 256]
+    # floor-mode pools: 28 -> 14 -> 7 -> 3 -> 1, i.e. the last block sees 3x3 maps
+    sizes = []
+    net.features[-1].register_forward_hook(lambda m, i, o: sizes.append(tuple(o.shape[-2:])))
+    net.features[-4].register_forward_hook(lambda m, i, o: sizes.append(tuple(i[0].shape[-2:])))
+    assert net(torch.randn(2, 1, 28, 28)).shape == (2, 256)
+    assert sizes == [(3, 3), (1, 1)]
+    with pytest.raises(ConfigError, match="at least 16 px"):
+        net(torch.randn(2, 1, 8, 8))
+
+
 def test_small_resnet_shapes():
     net, d = build_backbone("small_resnet", 1, widths=[8, 16, 32], blocks=2, stem_stride=2)
     assert d == 32

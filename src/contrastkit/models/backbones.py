@@ -92,8 +92,9 @@ class SmallResNet(nn.Module):
 class ConvNet(nn.Module):
     """A plain ConvNet: ``len(widths)`` blocks of 3x3 conv -> BN -> ReLU -> 2x2 max-pool, then global average pool.
 
-    With the default widths (32, 64, 128, 256) this is the 4-layer ConvNet that lightly's Fashion-MNIST
-    benchmark uses (our reference point for throughput in docs/benchmarks.md).
+    The max-pool is PyTorch's default (floor mode), so 28 px inputs go 28 -> 14 -> 7 -> 3 -> 1. With the default
+    widths (32, 64, 128, 256) this is the 4-layer ConvNet of the issue's lightly reference (our reference point for
+    throughput in docs/benchmarks.md).
 
     Args:
         in_channels: input channels. Default 3. widths: channels of each block. Default (32, 64, 128, 256).
@@ -107,13 +108,17 @@ class ConvNet(nn.Module):
         in_ch = in_channels
         for w in widths:
             layers += [nn.Conv2d(in_ch, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-                       nn.MaxPool2d(2, ceil_mode=True)]
+                       nn.MaxPool2d(2, ceil_mode=False)]
             in_ch = w
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = in_ch
+        self.min_size = 2 ** len(widths)  # each floor-mode pool halves the side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < self.min_size:
+            raise ConfigError(f"convnet with {self.min_size.bit_length() - 1} pooling blocks needs inputs of at least "
+                              f"{self.min_size} px, got {tuple(x.shape[-2:])}: use fewer model.widths or larger crops")
         return torch.flatten(self.pool(self.features(x)), 1)  # B x widths[-1]
 
 
