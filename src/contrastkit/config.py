@@ -143,7 +143,7 @@ class EvalConfig:
     """Final evaluation run after training."""
 
     knn: bool = True  #: final kNN (train.knn_k, train.knn_temperature) on the monitor splits
-    baselines: bool = False  #: also report kNN of the random-init backbone and of raw pixels
+    baselines: bool = False  #: also report kNN of the random-init backbone and of raw pixels (normalised, and in [0, 1])
     linear: bool = False  #: final linear probe on frozen features (slower)
     linear_epochs: int = 100  #: linear probe epochs
     batch_size: int = 512  #: feature extraction batch size
