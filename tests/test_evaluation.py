@@ -23,17 +23,10 @@ from contrastkit.evaluation import (
     topk_accuracy,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # ----------------------------------------------------------------------------------------------------------------------
 # helpers
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # The tensors here are tiny: one thread avoids thread-pool overhead on a shared 2-core machine (3x faster).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _raises(exc_type, fn, *args, match: str | None = None, **kwargs):

@@ -18,16 +18,9 @@ from contrastkit.methods import METHODS, NNCLR, SSLMethod, build_method
 from contrastkit.methods.moco import encode_in_groups, shuffled_forward
 from contrastkit.models import build_backbone
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 NAMES = ["moco", "nnclr", "byol", "barlow"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a busy shared CPU (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 QUEUE_METHODS = ["moco", "nnclr"]
 TEACHER_METHODS = ["moco", "byol"]
 TINY = ["method.proj_hidden_dim=32", "method.proj_out_dim=16", "method.pred_hidden_dim=24", "method.queue_size=50"]

@@ -29,17 +29,9 @@ from contrastkit.report import build_report, plugins_of, read_metrics_csv
 from contrastkit.training.module import SSLModule
 from contrastkit.training.run import train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _tiny(run_dir: Path, *extra: str) -> list[str]:
