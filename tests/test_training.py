@@ -11,9 +11,9 @@ import lightning as L
 import pytest
 import torch
 
+from contrastkit.checkpoint import load_module
 from contrastkit.config import load_config
-from contrastkit.training.module import SSLModule
-from contrastkit.training.run import final_evaluation, load_monitor_sets, load_split, train
+from contrastkit.training.run import final_evaluation, load_monitor_sets, train
 
 pytestmark = pytest.mark.slow
 
@@ -50,10 +50,9 @@ def test_final_linear_probe_reuses_the_monitor_features(tiny_overrides, monkeypa
     cfg = load_config(None, tiny_overrides + ["eval.linear=true", "eval.linear_epochs=5", "train.epochs=1"])
     res = train(cfg)
     assert calls == [], "final_evaluation extracted features the monitor already had"
-    module = SSLModule.load_from_checkpoint(res.last_checkpoint, map_location="cpu", weights_only=False)
+    module = load_module(res.last_checkpoint)
     bank, query = load_monitor_sets(cfg)
-    mean, std = load_split(cfg, "train").channel_stats()
-    fresh = final_evaluation(cfg, module, mean, std, bank, query)  # features=None: extracted here
+    fresh = final_evaluation(cfg, module, module.hparams["mean"], module.hparams["std"], bank, query)  # extracts
     assert len(calls) == 2
     assert fresh["linear_top1"] == res.metrics["linear_top1"]
 
