@@ -117,8 +117,8 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if min(x.shape[-2:]) < self.min_size:
-            raise ConfigError(f"convnet with {self.min_size.bit_length() - 1} pooling blocks needs inputs of at least "
-                              f"{self.min_size} px, got {tuple(x.shape[-2:])}: use fewer model.widths or larger crops")
+            raise ConfigError(f"convnet needs inputs of at least {self.min_size} px (each of its blocks halves the side), "
+                              f"got {tuple(x.shape[-2:])}: use fewer model.widths or larger crops")
         return torch.flatten(self.pool(self.features(x)), 1)  # B x widths[-1]
 
 
