@@ -24,14 +24,13 @@
 * :func:`embed` writes the features of a dataset split as ``.npy`` (+ ``.labels.npy``) or ``.npz``.
 
 Every file is read with ``torch.load(weights_only=True)``: an export or checkpoint can never run code. Every file
-is written to a temporary name and renamed (``os.replace``), so there are never half-written outputs.
+is written atomically (:mod:`contrastkit.io`), so there are never half-written outputs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from contrastkit.errors import ContrastkitError, DataError
+from contrastkit.io import atomic_write, write_text_atomic
 
 EXPORT_FORMAT = "contrastkit-backbone"
 EXPORT_VERSION = 1
@@ -156,17 +156,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def export_backbone(checkpoint: str | Path, out: str | Path = "backbone.pt") -> tuple[Path, Path]:
     """Write the backbone of a training checkpoint as a plain state dict plus a JSON sidecar.
 
@@ -193,8 +182,8 @@ def export_backbone(checkpoint: str | Path, out: str | Path = "backbone.pt") -> 
         torch.save(state, tmp)
         info.weights_sha256 = _sha256(tmp)
 
-    _write_atomic(out, write_weights)
-    _write_atomic(side, lambda tmp: tmp.write_text(json.dumps(asdict(info), indent=2) + "\n"))
+    atomic_write(out, write_weights)
+    write_text_atomic(side, json.dumps(asdict(info), indent=2) + "\n")
     return out, side
 
 
@@ -312,7 +301,7 @@ def embed(
             with open(tmp, "wb") as f:
                 np.savez(f, **arrays)
 
-        _write_atomic(out, write_npz)
+        atomic_write(out, write_npz)
         return {"features": out, "labels": out if labels is not None else None, "shape": list(feats.shape)}
 
     def writer(arr: np.ndarray) -> Any:
@@ -323,8 +312,8 @@ def embed(
 
     label_path = out.with_name(out.stem + ".labels.npy")
     if labels is not None:
-        _write_atomic(label_path, writer(labels))
+        atomic_write(label_path, writer(labels))
     elif label_path.exists():
         label_path.unlink()  # a stale file from an earlier labelled embedding would be misleading
-    _write_atomic(out, writer(feats))
+    atomic_write(out, writer(feats))
     return {"features": out, "labels": label_path if labels is not None else None, "shape": list(feats.shape)}

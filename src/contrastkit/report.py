@@ -23,7 +23,6 @@ import csv
 import datetime as _dt
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ from typing import Any
 import yaml
 
 from contrastkit.errors import ContrastkitError
+from contrastkit.io import write_text_atomic
 
 #: The curves of the report: CSV column -> (file stem, title, y label).
 CURVES: dict[str, tuple[str, str, str]] = {
@@ -314,8 +314,4 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path = "report") -> 
     lines += ["## Runs", ""]
     for run in runs:
         lines.append(f"- `{run.name}`: {run.path.resolve()}")
-    md = out / "report.md"
-    tmp = md.with_name(f".{md.name}.{os.getpid()}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, md)
-    return md
+    return write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

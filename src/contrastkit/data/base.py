@@ -14,7 +14,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -252,25 +252,6 @@ def writable_dir(path: Path) -> bool:
         return False
 
 
-def atomic_write(final: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary path in ``final``'s directory, then ``os.replace`` it onto ``final``.
-
-    The temporary file is removed when ``write`` fails or is interrupted, so ``final`` is either absent, the old
-    version, or complete.
-    """
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions of a new file
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def create_npy(path: Path, shape: tuple[int, ...]) -> np.memmap:
     """Create a uint8 ``.npy`` file of ``shape`` at ``path`` and return it memory-mapped for writing.
 
@@ -288,12 +269,6 @@ def create_npy(path: Path, shape: tuple[int, ...]) -> np.memmap:
         finally:
             os.close(fd)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def default_cache_home() -> Path:

@@ -37,7 +37,6 @@ from PIL import Image
 
 from contrastkit.data.base import (
     ImageTensors,
-    atomic_write,
     check_int,
     create_npy,
     digest,
@@ -47,6 +46,7 @@ from contrastkit.data.base import (
     tensor_from_numpy,
 )
 from contrastkit.errors import DataError
+from contrastkit.io import atomic_write
 
 __all__ = ["DEFAULT_IMAGE_SIZE", "IMAGE_EXTENSIONS", "SPLITS", "load_imagefolder"]
 

@@ -35,7 +35,6 @@ import torch
 
 from contrastkit.data.base import (
     ImageTensors,
-    atomic_write,
     create_npy,
     digest,
     one_line,
@@ -45,6 +44,7 @@ from contrastkit.data.base import (
     tensor_from_numpy,
 )
 from contrastkit.errors import DataError
+from contrastkit.io import atomic_write
 
 __all__ = ["CLASSES", "SPLITS", "load_stl10"]
 

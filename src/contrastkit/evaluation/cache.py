@@ -21,7 +21,6 @@ The key does not look inside the dataset files: if the images under the same ``d
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import re
 import sys
@@ -33,6 +32,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from contrastkit.io import atomic_write
 
 CACHE_VERSION = 1
 
@@ -100,7 +101,6 @@ def read_cache(path: Path, key: str) -> CachedFeatures | None:
 
 def write_cache(path: Path, key: str, entry: CachedFeatures) -> None:
     """Store ``entry`` under ``key`` at ``path`` atomically (temporary file + ``os.replace``); warn on failure."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     payload = {
         "key": key,
         "features": entry.features.detach().to("cpu", torch.float32).contiguous(),
@@ -108,16 +108,10 @@ def write_cache(path: Path, key: str, entry: CachedFeatures) -> None:
         "classes": None if entry.classes is None else [str(c) for c in entry.classes],
     }
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
     except OSError as e:
         _warn(f"could not write the feature cache {str(path)!r} ({e.strerror or type(e).__name__}); continuing "
               "without it")
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
 
 
 def cached_features(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from contrastkit.evaluation.cache import (
 from contrastkit.evaluation.features import extract_augmented_features, extract_features
 from contrastkit.evaluation.knn import knn_evaluate, knn_grid
 from contrastkit.evaluation.linear import linear_probe
+from contrastkit.io import write_json_atomic
 
 #: What features can be evaluated: the backbone's output or the projector's output (backbone -> projector).
 FEATURE_KINDS: tuple[str, ...] = ("backbone", "projector")
@@ -323,11 +323,8 @@ class CheckpointEvaluator:
         with the checkpoint's size and mtime; ``contrastkit report`` reads ``results-linear.json`` from there."""
         path = cache_dir(self.checkpoint) / f"results-{record['protocol']}.json"
         data = {**record, "checkpoint_stamp": checkpoint_stamp(self.checkpoint)}
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(data, indent=2, default=float))
-            os.replace(tmp, path)
+            write_json_atomic(path, data)
         except OSError:
             return None
         return path

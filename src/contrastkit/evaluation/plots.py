@@ -7,7 +7,6 @@ the PNG atomically (temporary file + ``os.replace``). Features come from
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +15,18 @@ import torch
 import torch.nn.functional as F
 
 from contrastkit.errors import ConfigError, ContrastkitError, DataError
+from contrastkit.io import atomic_write
 
 #: 2-D projection methods of :func:`plot_embedding`.
 EMBEDDING_METHODS: tuple[str, ...] = ("tsne", "umap")
 
 
 def save_figure(fig: Any, out: str | Path, dpi: int = 110) -> Path:
-    """Write a matplotlib ``Figure`` as PNG to ``out`` via a temporary file and ``os.replace``."""
+    """Write a matplotlib ``Figure`` as PNG to ``out`` atomically (:func:`contrastkit.io.atomic_write`)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
 def project_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
