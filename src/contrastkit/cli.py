@@ -35,8 +35,8 @@ def _print_table(rows: list[tuple[str, str]], title: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from contrastkit.config import apply_overrides, load_config, to_yaml
-    from contrastkit.training.run import config_of_checkpoint, train
+    from contrastkit.config import load_config, to_yaml
+    from contrastkit.training.run import resume_config, train
 
     overrides = list(args.overrides)
     config_path = args.config
@@ -44,12 +44,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides.insert(0, config_path)
         config_path = None
     if args.resume and config_path is None:
-        # continue with the checkpoint's own configuration (overrides still apply, e.g. train.epochs=20)
+        # continue with the checkpoint's own configuration (overrides still apply, e.g. train.epochs=20); the run
+        # directory comes from the command line or the checkpoint's location, never from inside the checkpoint
         ckpt = args.resume
         if ckpt == "last":
             ckpt = os.path.join(load_config(None, overrides).train.run_dir, "checkpoints", "last.ckpt")
-        cfg = apply_overrides(config_of_checkpoint(ckpt), overrides)
-        cfg.train.resume = ckpt
+            if not os.path.isfile(ckpt):
+                raise ContrastkitError(f"--resume last: no checkpoint {ckpt!r}; give the run's config file or "
+                                       "train.run_dir=RUN_DIR, or the checkpoint's path")
+        cfg = resume_config(ckpt, overrides)
     else:
         cfg = load_config(config_path, overrides)
         if args.resume:
@@ -285,14 +288,19 @@ def _cuda() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]  # key=value after an option, e.g. --resume last train.epochs=5
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except ContrastkitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint is intact; continue with --resume last", file=sys.stderr)
+    except KeyboardInterrupt as e:  # training raises RunInterrupted, whose message names the run to resume
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130
 
 

@@ -198,6 +198,9 @@ class Config:
         _check(self.train.knn_k >= 1, "train.knn_k", self.train.knn_k, ">= 1")
         _check(self.train.knn_temperature > 0, "train.knn_temperature", self.train.knn_temperature, "> 0")
         _check(self.model.stem_stride in (1, 2), "model.stem_stride", self.model.stem_stride, "1 or 2")
+        _check(self.train.log_every_n_steps >= 1, "train.log_every_n_steps", self.train.log_every_n_steps, ">= 1")
+        _check(self.eval.batch_size >= 1, "eval.batch_size", self.eval.batch_size, ">= 1")
+        _check(self.eval.linear_epochs >= 1, "eval.linear_epochs", self.eval.linear_epochs, ">= 1")
         return self
 
 
@@ -333,6 +336,49 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     for section, values in data.items():
         _apply(cfg, section, values)
     return cfg.validate()
+
+
+#: The keys that may differ between a checkpoint's configuration and the run that resumes it: how long to train
+#: (``train.epochs`` >= the epochs already done, ``train.max_steps``), where and how to run without changing what is
+#: computed (the process count is checked separately: it must stay the same), logging, monitor frequency, the
+#: final evaluation, and ``data.root`` (the data may move; the training set itself is checked to be the same).
+#: Every other key (method, loss, model, views, optimiser, learning rate, batch size, seed, precision, dataset,
+#: kNN-monitor protocol, online probe) defines the run and is refused on resume.
+RESUMABLE: tuple[str, ...] = (
+    "train.epochs", "train.max_steps", "train.run_dir", "train.resume", "train.devices", "train.num_nodes",
+    "train.strategy", "train.log_every_n_steps", "train.knn_every_n_epochs", "train.progress_bar",
+    "train.num_threads", "train.compile", "data.root", "eval.knn", "eval.baselines", "eval.linear",
+    "eval.linear_epochs", "eval.batch_size",
+)
+
+
+def _flat(cfg: Config) -> dict[str, Any]:
+    flat = {f"{section}.{k}": v for section, values in cfg.to_dict().items() for k, v in values.items()}
+    flat["train.precision"] = "32-true" if str(flat["train.precision"]) == "32" else str(flat["train.precision"])
+    return flat
+
+
+def resume_changes(saved: Config, new: Config, epochs_done: int) -> dict[str, list[Any]]:
+    """The configuration changes of a resumed run, ``{key: [checkpoint value, new value]}``.
+
+    Raises :class:`ConfigError` naming the first key outside :data:`RESUMABLE` whose value differs (with both
+    values), or when ``train.epochs`` is below the ``epochs_done`` the checkpoint has already trained.
+    """
+    old, cur = _flat(saved), _flat(new)
+    changes = {k: [old[k], cur[k]] for k in cur if old.get(k) != cur[k] and k not in ("train.resume", "train.run_dir")}
+    for key, (a, b) in changes.items():
+        if key not in RESUMABLE:
+            raise ConfigError(
+                f"cannot resume with {key}={b!r}: the checkpoint was trained with {key}={a!r}; on resume only "
+                "train.epochs, logging, monitor frequency, devices, data.root and eval.* may change (to change "
+                f"{key}, start a new run in a new train.run_dir)"
+            )
+    if new.train.epochs < epochs_done:
+        raise ConfigError(
+            f"cannot resume with train.epochs={new.train.epochs}: the checkpoint has already trained {epochs_done} "
+            f"epochs (of train.epochs={saved.train.epochs}); set train.epochs to at least {epochs_done}"
+        )
+    return changes
 
 
 def scaled_lr(cfg: Config, world_size: int) -> float:

@@ -18,3 +18,8 @@ class ConfigError(ContrastkitError):
 
 class DataError(ContrastkitError):
     """A missing, corrupt or unsuitable dataset."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Training stopped by Ctrl-C (SIGINT); the message says what was kept and how to continue. The CLI prints it
+    and exits with status 130 (128 + SIGINT)."""

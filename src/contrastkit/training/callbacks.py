@@ -1,39 +1,164 @@
-"""Training callbacks: the online kNN monitor and atomic checkpoint writing."""
+"""Training callbacks and plumbing: checkpoint I/O, the divergence guard, the resume history, the resumable CSV
+log and the online kNN monitor."""
 
 from __future__ import annotations
 
-import os
+import csv
+import io
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from contrastkit.config import Config
 from contrastkit.data import ImageTensors
+from contrastkit.errors import ContrastkitError
 from contrastkit.evaluation import extract_features, knn_evaluate
+from contrastkit.io import write_text_atomic
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint I/O that never leaves a half-written file and never runs code on load.
+    """Checkpoint I/O that never leaves a half-written file, checksums the tensors, and never runs code on load.
 
-    Saving writes ``<name>.tmp`` and renames it over ``<name>`` (``os.replace`` is atomic on POSIX), so an
-    interrupted save leaves the previous checkpoint intact. Loading uses ``torch.load(weights_only=True)``: a
-    checkpoint that would need to unpickle arbitrary objects is refused.
+    Saving goes through :func:`contrastkit.checkpoint.save_checkpoint` (a unique temporary file renamed over the
+    final name, and a SHA-256 of every tensor stored in the checkpoint), so an interrupted save leaves the previous
+    checkpoint intact. Loading uses :func:`contrastkit.checkpoint.safe_load` (``torch.load(weights_only=True)``,
+    checksum verified): a corrupt checkpoint or one that would need to unpickle arbitrary objects is refused.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        from contrastkit.checkpoint import save_checkpoint
+
+        save_checkpoint(checkpoint, path)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         from contrastkit.checkpoint import safe_load
 
         return safe_load(path, map_location=map_location or "cpu")
+
+
+def divergence_error(cfg: Config, what: str) -> ContrastkitError:
+    """The one-line error for a diverged run: ``what`` happened, and advice that fits the run's settings."""
+    advice = [f"lower optim.lr (now {cfg.optim.lr:g})"]
+    if cfg.optim.warmup_epochs < 1:
+        advice.append(f"lengthen optim.warmup_epochs (now {cfg.optim.warmup_epochs:g})")
+    if cfg.method.name in ("simclr", "moco", "nnclr") and cfg.method.temperature < 0.2:
+        advice.append(f"raise method.temperature (now {cfg.method.temperature:g})")
+    if not cfg.optim.gradient_clip_val:
+        advice.append("set optim.gradient_clip_val=1.0")
+    if str(cfg.train.precision) not in ("32", "32-true", "64-true"):
+        advice.append(f"use train.precision=32 (now {cfg.train.precision})")
+    return ContrastkitError(f"{what}: {', '.join(advice[:-1])} or {advice[-1]}" if len(advice) > 1
+                            else f"{what}: {advice[0]}")
+
+
+class DivergenceGuard(L.Callback):
+    """Never writes a checkpoint of a diverged model: before every save, all parameters and buffers of the
+    checkpoint must be finite and their largest magnitude at most ``max_abs`` (default 1e12: trained weights are
+    O(1); beyond this, activations overflow float32/bf16 within a few layers and the run is lost). Otherwise the
+    run stops with :func:`divergence_error`, and the checkpoints already written (all from before the divergence)
+    stay the resumable ones.
+    """
+
+    def __init__(self, cfg: Config, max_abs: float = 1e12) -> None:
+        self.cfg, self.max_abs = cfg, max_abs
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        worst, name = 0.0, ""
+        for k, v in checkpoint["state_dict"].items():
+            if not v.is_floating_point() or v.numel() == 0:
+                continue
+            m = float(v.detach().abs().max())
+            if not m <= worst:  # also true for NaN
+                worst, name = m, k
+            if math.isnan(m):
+                break
+        if not worst <= self.max_abs:
+            raise divergence_error(
+                self.cfg, f"the model diverged by epoch {trainer.current_epoch} (step {trainer.global_step}: "
+                f"|{name}| reached {worst:.3g}); this checkpoint was not written, the earlier ones are intact")
+
+
+class ResumeHistory(L.Callback):
+    """The run's resume history, saved in its checkpoints and reported in ``results.json`` as ``resumed``.
+
+    Each resume adds ``{"step", "checkpoint", "changed": {key: [old, new]}}``: the step it continued from, the
+    checkpoint it read, and the configuration keys it changed (only those :data:`contrastkit.config.RESUMABLE`
+    allows), so a run's ``config.yaml`` (its final configuration) together with this list is what actually ran.
+    """
+
+    def __init__(self, entry: dict[str, Any] | None = None) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self._pending = entry
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"resumes": self.entries}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.entries = list(state_dict.get("resumes", []))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._pending is not None:  # after the restore, so the checkpoint's own history comes first
+            self.entries.append(self._pending)
+            self._pending = None
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing ``metrics.csv`` is continued instead of deleted: rows
+    logged at steps before ``keep_before_step`` are kept (and their columns), later rows (an interrupted epoch that
+    the resumed run logs again) are dropped."""
+
+    def __init__(self, log_dir: str, keep_before_step: int) -> None:
+        self._keep_before_step = keep_before_step
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # called by __init__ (Lightning deletes metrics.csv here)
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("step") and int(float(r["step"])) < self._keep_before_step]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text_atomic(path, out.getvalue())
+        self.metrics_keys = header  # new rows are appended under the same header (extended when keys are new)
+
+
+class ResumableCSVLogger(CSVLogger):
+    """:class:`~lightning.pytorch.loggers.CSVLogger` that appends to the run's ``metrics.csv`` when a run is resumed
+    in its own directory (Lightning's logger deletes the file).
+
+    Args:
+        keep_before_step: the resumed checkpoint's global step: earlier rows are kept, later ones dropped (0 for a
+            new run: a new run directory has no log yet).
+    """
+
+    def __init__(self, save_dir: str | Path, keep_before_step: int = 0, **kwargs: Any) -> None:
+        super().__init__(save_dir, **kwargs)
+        self._keep_before_step = keep_before_step
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self.save()  # the log on disk covers every checkpoint, so a resume after a kill finds its rows
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(self.log_dir, self._keep_before_step)
+        return self._experiment
 
 
 class TrainClock(L.Callback):

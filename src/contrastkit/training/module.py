@@ -26,6 +26,7 @@ from contrastkit.config import Config, config_from_dict, scaled_lr
 from contrastkit.errors import ConfigError, ContrastkitError
 from contrastkit.methods import SSLMethod, build_method
 from contrastkit.models import build_backbone
+from contrastkit.training.callbacks import divergence_error
 from contrastkit.training.optim import build_optimizer, warmup_cosine
 
 
@@ -164,10 +165,8 @@ class SSLModule(L.LightningModule):
         out = self.method.forward_loss(views, self.progress())
         loss = out["loss"]
         if not torch.isfinite(loss.detach()):
-            raise ContrastkitError(
-                f"the loss diverged (value {loss.item()}) at step {self.global_step}: lower optim.lr, raise "
-                "method.temperature, or use train.precision=32; no checkpoint was written for this step"
-            )
+            raise divergence_error(self.cfg, f"the loss diverged (value {loss.item()}) at step {self.global_step}; "
+                                   "no checkpoint was written for it, the earlier ones are intact")
         bs = imgs.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for k, v in out.items():

@@ -5,18 +5,24 @@ monitor), trains, evaluates, and writes ``RUN_DIR/results.json`` (atomically, on
 
 Run directory layout::
 
-    RUN_DIR/config.yaml             the resolved configuration
+    RUN_DIR/config.yaml             the configuration of the run (on resume: the resumed run's, see RESUMABLE)
     RUN_DIR/checkpoints/epoch=NNN.ckpt, last.ckpt
-    RUN_DIR/logs/csv/metrics.csv    CSV log (Lightning CSVLogger)
+    RUN_DIR/logs/csv/metrics.csv    CSV log (continued, not restarted, on resume)
     RUN_DIR/logs/tensorboard/       TensorBoard log
-    RUN_DIR/results.json            final metrics, kNN history (time-to-accuracy), throughput, peak memory
+    RUN_DIR/results.json            final metrics, kNN history (time-to-accuracy), throughput, peak memory, resumes
+
+Run directory rules (the life cycle is in :class:`RunDirectory`): the run directory is always ``train.run_dir``
+(command line or config file), never a path stored in a checkpoint. A new run refuses a non-empty run directory;
+only a resume from a checkpoint inside ``RUN_DIR/checkpoints/`` continues in it. Everything that can be checked
+(configuration, resume compatibility, run directory, data, trainer) is checked before training starts, and a run
+that fails or is interrupted before its first checkpoint removes the run directory it created.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +31,21 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 
-from contrastkit.config import Config, config_from_dict, to_yaml
+from contrastkit.config import Config, TrainConfig, apply_overrides, config_from_dict, resume_changes, to_yaml
 from contrastkit.data import ImageTensors, load_dataset
-from contrastkit.errors import ConfigError, DataError
-from contrastkit.training.callbacks import AtomicCheckpointIO, KNNMonitor, TrainClock
+from contrastkit.errors import ConfigError, DataError, RunInterrupted
+from contrastkit.io import write_json_atomic, write_text_atomic
+from contrastkit.training.callbacks import (
+    AtomicCheckpointIO,
+    DivergenceGuard,
+    KNNMonitor,
+    ResumableCSVLogger,
+    ResumeHistory,
+    TrainClock,
+)
 from contrastkit.training.module import SSLModule, index_loader, steps_per_epoch
 
 
@@ -52,14 +67,6 @@ class _IndexData(L.LightningDataModule):
 
     def train_dataloader(self) -> Any:
         return index_loader(self.n, self.batch_size, self.seed, self.trainer.world_size, self.trainer.global_rank)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` via a temporary file and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
 
 
 def load_split(cfg: Config, split: str) -> ImageTensors:
@@ -94,16 +101,20 @@ def _precision(p: str) -> str:
     return "32-true" if str(p) == "32" else str(p)
 
 
-def build_trainer(cfg: Config, callbacks: list[L.Callback], run_dir: Path, checkpoints: bool = True) -> L.Trainer:
+def build_trainer(cfg: Config, callbacks: list[L.Callback], run_dir: Path, checkpoints: bool = True,
+                  resume_step: int = 0) -> L.Trainer:
     """A Lightning trainer configured from ``cfg.train`` (devices, strategy, precision, loggers, checkpoints).
 
-    ``checkpoints=False`` writes no checkpoint at all (benchmarks)."""
+    ``checkpoints=False`` writes no checkpoint at all (benchmarks). ``resume_step``: the global step of the
+    checkpoint a run continues from; ``metrics.csv`` keeps its rows before that step and appends after them."""
     cbs: list[L.Callback] = list(callbacks)
     if checkpoints:
         cbs.insert(0, ModelCheckpoint(
             dirpath=run_dir / "checkpoints", filename="epoch={epoch:03d}", auto_insert_metric_name=False,
             every_n_epochs=1, save_top_k=-1, save_last=True,
+            enable_version_counter=False,  # a run owns its directory: never a last-v1.ckpt
         ))
+        cbs.append(DivergenceGuard(cfg))
     if cfg.train.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=10))
     try:
@@ -119,7 +130,8 @@ def build_trainer(cfg: Config, callbacks: list[L.Callback], run_dir: Path, check
             accumulate_grad_batches=cfg.optim.accumulate_grad_batches,
             gradient_clip_val=cfg.optim.gradient_clip_val or None,
             logger=[
-                CSVLogger(run_dir / "logs", name="csv", version=""),
+                ResumableCSVLogger(run_dir / "logs", keep_before_step=resume_step, name="csv", version="",
+                                   flush_logs_every_n_steps=cfg.train.log_every_n_steps),
                 TensorBoardLogger(run_dir / "logs", name="tensorboard", version=""),
             ],
             callbacks=cbs,
@@ -137,21 +149,163 @@ def build_trainer(cfg: Config, callbacks: list[L.Callback], run_dir: Path, check
         raise ConfigError(f"invalid trainer setting: {str(e).splitlines()[0]}") from None
 
 
+class RunDirectory:
+    """The life cycle of a run directory on the launching process (global rank 0; other DDP ranks only train).
+
+    :meth:`claim` refuses a non-empty directory unless ``resume`` is a checkpoint inside its ``checkpoints/``
+    folder (then it must be the latest one there, so nothing is overwritten), and creates the directory (an
+    unwritable path is a one-line error). :meth:`discard_unless_resumable` removes what :meth:`claim` created when
+    the run stops before writing its first checkpoint, so a failed start leaves nothing behind.
+    """
+
+    def __init__(self, path: Path, resume: Path | None = None, epochs_done: int = 0) -> None:
+        self.path, self.resume, self.epochs_done = path, resume, epochs_done
+        self.checkpoints = path / "checkpoints"
+        self.in_place = resume is not None and resume.resolve().parent == self.checkpoints.resolve()
+        self._created: Path | None = None  # the top-most folder claim() created
+        self._was_empty = False
+
+    def claim(self) -> None:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"train.run_dir {str(p)!r} is a file; pass a folder for the run's outputs")
+        if self.in_place:
+            later = sorted(c.name for c in self.checkpoints.glob("epoch=*.ckpt") if _epoch_of(c) >= self.epochs_done)
+            if later:
+                raise ConfigError(
+                    f"resuming {str(self.resume)!r} in {str(p)!r} would overwrite the later checkpoints "
+                    f"{', '.join(later[:3])}{' ...' if len(later) > 3 else ''}: continue from "
+                    f"{str(self.checkpoints / 'last.ckpt')!r}, or pass a new train.run_dir to branch off this one")
+        elif p.is_dir() and any(p.iterdir()):
+            names = sorted(c.name for c in p.iterdir())
+            raise ConfigError(
+                f"train.run_dir {str(p)!r} already holds a run ({', '.join(names[:4])}); pass a new train.run_dir, "
+                f"continue it with --resume {str(self.checkpoints / 'last.ckpt')!r}, or delete the folder")
+        existed, top = p.is_dir(), p
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied")
+        except OSError as e:
+            raise ConfigError(f"cannot create the run directory train.run_dir={str(p)!r} "
+                              f"({e.strerror or type(e).__name__}); pass a writable train.run_dir") from None
+        self._was_empty, self._created = existed and not self.in_place, None if existed else top
+        if self.in_place:  # a kill during a save leaves a hidden temporary file; never one of the checkpoints
+            for tmp in [*self.checkpoints.glob(".*.tmp"), *self.checkpoints.glob("*.ckpt.tmp")]:
+                tmp.unlink(missing_ok=True)
+            (p / "results.json").unlink(missing_ok=True)  # the resumed run writes its own when it finishes
+
+    def latest_checkpoint(self) -> Path | None:
+        """``last.ckpt``, or the latest ``epoch=NNN.ckpt`` (an interruption between the two saves), or None."""
+        last = self.checkpoints / "last.ckpt"
+        if last.is_file():
+            return last
+        return max(self.checkpoints.glob("epoch=*.ckpt"), key=_epoch_of, default=None)
+
+    def discard_unless_resumable(self) -> None:
+        if self.in_place or self.latest_checkpoint() is not None:
+            return
+        if self._created is not None:
+            shutil.rmtree(self._created, ignore_errors=True)
+        elif self._was_empty:
+            for child in self.path.iterdir():
+                shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+
+
+def _epoch_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("=", 1)[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    """The checkpoint ``cfg.train.resume`` names (``"last"`` = ``RUN_DIR/checkpoints/last.ckpt``), or None."""
+    resume = cfg.train.resume
+    if not resume:
+        return None
+    path = Path(cfg.train.run_dir) / "checkpoints" / "last.ckpt" if resume == "last" else Path(resume)
+    if not path.is_file():
+        hint = ("give the run's config file or train.run_dir" if resume == "last"
+                else "pass a .ckpt path, or 'last' with the run's config file or train.run_dir")
+        raise ConfigError(f"train.resume: checkpoint {str(path)!r} not found (train.run_dir={cfg.train.run_dir!r}); "
+                          f"{hint}")
+    return path
+
+
+def resume_config(checkpoint: str | Path, overrides: list[str] | None = None) -> Config:
+    """The configuration that continues ``checkpoint`` when no config file is given: the checkpoint's own, with
+    ``overrides`` applied and ``train.resume`` set.
+
+    The run directory is never read from the checkpoint: it is ``train.run_dir`` from ``overrides`` if given, else
+    the run folder that holds the checkpoint (``RUN/checkpoints/x.ckpt`` -> ``RUN``), else the default
+    ``runs/default`` (a checkpoint copied elsewhere starts a new run directory)."""
+    path = Path(checkpoint)
+    cfg = config_of_checkpoint(path)
+    cfg.train.run_dir = str(path.parent.parent) if path.parent.name == "checkpoints" else TrainConfig().run_dir
+    cfg = apply_overrides(cfg, list(overrides or []))
+    cfg.train.resume = str(path)
+    return cfg
+
+
+def _check_same_training_set(saved: dict[str, Any], module: L.LightningModule) -> None:
+    """A resumed run must train on what the checkpoint trained on: same process count and training set."""
+    hp = module.hparams
+    if hp["world_size"] != saved["world_size"]:
+        raise ConfigError(
+            f"cannot resume on {hp['world_size']} process(es): the checkpoint was trained on {saved['world_size']} "
+            "(learning-rate scaling and data sharding depend on it); set train.devices/train.num_nodes to match")
+    for key, what in (("in_channels", "image channels"), ("image_size", "image size"),
+                      ("steps_per_epoch", "steps per epoch"), ("mean", "channel means"), ("std", "channel stds")):
+        if hp[key] != saved[key]:
+            raise ConfigError(
+                f"cannot resume: the training set differs from the checkpoint's ({what} {hp[key]} here, "
+                f"{saved[key]} in the checkpoint); point data.root at the data the run was trained on")
+
+
 def train(cfg: Config, callbacks: list[L.Callback] | None = None) -> TrainResult:
     """Pretrain according to ``cfg`` and return the run's metrics (see the module docstring for outputs).
 
     ``cfg.train.resume`` continues from a checkpoint (``"last"`` = ``RUN_DIR/checkpoints/last.ckpt``): model,
-    optimizer, schedule, step counters and random generators are restored, so the run continues exactly.
+    optimizer, schedule, step counters and random generators are restored, so the run continues exactly. Only the
+    keys in :data:`contrastkit.config.RESUMABLE` may differ from the checkpoint's configuration.
     ``callbacks`` are extra Lightning callbacks (e.g. for tests or custom logging).
     """
+    from contrastkit.checkpoint import load_checkpoint_file
+
     cfg.validate()
     run_dir = Path(cfg.train.run_dir)
-    resume = cfg.train.resume
-    if resume == "last":
-        resume = str(run_dir / "checkpoints" / "last.ckpt")
-    if resume and not Path(resume).is_file():
-        raise ConfigError(f"train.resume: checkpoint {resume!r} not found; pass a .ckpt path or 'last' with the "
-                          "same train.run_dir")
+    resume = resolve_resume(cfg)
+    saved_hp: dict[str, Any] | None = None
+    history = ResumeHistory()
+    resume_step, epochs_done = 0, 0
+    if resume is not None:
+        ckpt = load_checkpoint_file(resume)  # checksum verified: a corrupt file stops here
+        saved_hp = ckpt.get("hyper_parameters")
+        if not isinstance(saved_hp, dict) or "config" not in saved_hp:
+            raise ConfigError(f"train.resume: {str(resume)!r} is not a contrastkit training checkpoint")
+        resume_step = int(ckpt.get("global_step", 0))
+        epochs_done = resume_step // max(1, int(saved_hp["steps_per_epoch"]))
+        changes = resume_changes(config_from_dict(saved_hp["config"]), cfg, epochs_done)
+        history = ResumeHistory({"step": resume_step, "checkpoint": str(resume), "changed": changes})
+        del ckpt
+    launcher = rank_zero_only.rank == 0  # DDP processes started by the launcher only train
+    directory = RunDirectory(run_dir, resume, epochs_done)
+    if launcher:
+        directory.claim()
+    try:
+        return _train(cfg, run_dir, resume, resume_step, saved_hp, history, directory, launcher, callbacks)
+    except BaseException:
+        if launcher:
+            directory.discard_unless_resumable()
+        raise
+
+
+def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, saved_hp: dict[str, Any] | None,
+           history: ResumeHistory, directory: RunDirectory, launcher: bool,
+           callbacks: list[L.Callback] | None) -> TrainResult:
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
     L.seed_everything(cfg.train.seed, verbose=False)
@@ -163,7 +317,7 @@ def train(cfg: Config, callbacks: list[L.Callback] | None = None) -> TrainResult
     monitor_sets = load_monitor_sets(cfg) if cfg.train.knn_every_n_epochs > 0 or cfg.eval.knn else None
 
     clock = TrainClock()
-    extra: list[L.Callback] = [clock, *(callbacks or [])]
+    extra: list[L.Callback] = [clock, history, *(callbacks or [])]
     knn_cb = None
     if monitor_sets is not None:
         bank, query = monitor_sets
@@ -183,7 +337,7 @@ def train(cfg: Config, callbacks: list[L.Callback] | None = None) -> TrainResult
         online_cb = OnlineLinearProbe.from_config(cfg, data, mean, std)
         extra.append(online_cb)
 
-    trainer = build_trainer(cfg, extra, run_dir)
+    trainer = build_trainer(cfg, extra, run_dir, resume_step=resume_step)
     world = trainer.world_size
     spe = steps_per_epoch(len(data), cfg.optim.batch_size, world, cfg.optim.accumulate_grad_batches)
     if spe == 0:
@@ -193,14 +347,26 @@ def train(cfg: Config, callbacks: list[L.Callback] | None = None) -> TrainResult
         )
     module = SSLModule(cfg.to_dict(), data.channels, int(data.images.shape[-1]), mean, std, spe, world)
     module.attach_images(data.images)
-    if trainer.global_rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if saved_hp is not None:
+        _check_same_training_set(saved_hp, module)
+    if launcher:
+        write_text_atomic(run_dir / "config.yaml", to_yaml(cfg))
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=_IndexData(len(data), cfg.optim.batch_size, cfg.train.seed), ckpt_path=resume)
+    try:
+        trainer.fit(module, datamodule=_IndexData(len(data), cfg.optim.batch_size, cfg.train.seed),
+                    ckpt_path=str(resume) if resume is not None else None)
+    except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown
+        if trainer.interrupted and launcher:
+            directory.discard_unless_resumable()
+            last = directory.latest_checkpoint()
+            raise RunInterrupted(
+                f"interrupted: {str(run_dir)!r} keeps the checkpoints up to the last finished epoch; continue with: "
+                f"contrastkit train --resume {last}" if last is not None else
+                "interrupted before the first checkpoint: nothing was kept; start the run again") from None
+        raise
     wall = time.perf_counter() - t0
 
     metrics: dict[str, Any] = {
@@ -210,6 +376,8 @@ def train(cfg: Config, callbacks: list[L.Callback] | None = None) -> TrainResult
         "peak_memory_mb": _peak_memory_mb(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
     }
+    if history.entries:
+        metrics["resumed"] = history.entries
     metrics["train_seconds"] = clock.train_seconds
     metrics["images_per_sec"] = clock.images_per_sec
     metrics["seconds_per_epoch"] = clock.train_seconds / max(1, trainer.current_epoch)
