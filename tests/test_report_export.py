@@ -371,8 +371,8 @@ def test_report_compares_two_runs(runs, tmp_path, capsys):
     for row, key in zip(rows, ("simclr", "second")):
         res = json.loads((runs[key] / "results.json").read_text())
         assert row[6] == "64" and row[7] == "2"
-        assert row[8] == f"{res['knn_top1']:.2f}"
-        assert row[11] == f"{res['images_per_sec']:.0f}"
+        assert row[8] == f"{res['knn_top1_val']:.2f}" and row[9] == f"{res['knn_top1_test']:.2f}"
+        assert row[12] == f"{res['images_per_sec']:.0f}"
     for name in ("loss.png", "knn_top1.png", "lr.png"):
         assert _is_png(out / name), name
         assert f"]({name})" in md

@@ -13,7 +13,7 @@ import torch
 
 from contrastkit.checkpoint import load_module
 from contrastkit.config import load_config
-from contrastkit.training.run import final_evaluation, load_monitor_sets, train
+from contrastkit.training.run import final_evaluation, load_labelled_split, load_monitor_sets, train
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +30,7 @@ def test_short_training_beats_random_init(tiny_overrides):
     assert m["steps"] == 6 * (2048 // 64)
     assert len(m["knn_history"]) == 6
     # the trained backbone must clearly beat the same architecture at its random initialisation
-    assert m["knn_top1"] > m["random_init_knn"]["top1"] + 10.0, m
+    assert m["knn_top1_test"] > m["random_init_knn"]["top1"] + 10.0, m  # both on the test split
     saved = json.loads((res.run_dir / "results.json").read_text())
     assert saved["knn_top1"] == m["knn_top1"]
     assert (res.run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -40,8 +40,9 @@ def test_short_training_beats_random_init(tiny_overrides):
 
 
 def test_final_linear_probe_reuses_the_monitor_features(tiny_overrides, monkeypatch):
-    # The kNN monitor embeds bank and queries with the final weights; the linear probe must use those features
-    # instead of extracting them again, and must equal a probe on freshly extracted features.
+    # The kNN monitor embeds bank and validation queries with the final weights; the final evaluation must use those
+    # features instead of extracting them again (it extracts only the test split, once, for the final kNN and the
+    # probe), and must equal an evaluation on freshly extracted features.
     import contrastkit.evaluation as ev
 
     calls = []
@@ -49,12 +50,16 @@ def test_final_linear_probe_reuses_the_monitor_features(tiny_overrides, monkeypa
     monkeypatch.setattr(ev, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = load_config(None, tiny_overrides + ["eval.linear=true", "eval.linear_epochs=5", "train.epochs=1"])
     res = train(cfg)
-    assert calls == [], "final_evaluation extracted features the monitor already had"
+    assert calls == [1], "final_evaluation extracted features the monitor already had"
     module = load_module(res.last_checkpoint)
     bank, query = load_monitor_sets(cfg)
-    fresh = final_evaluation(cfg, module, module.hparams["mean"], module.hparams["std"], bank, query)  # extracts
-    assert len(calls) == 2
-    assert fresh["linear_top1"] == res.metrics["linear_top1"]
+    test = load_labelled_split(cfg, "test")
+    fresh = final_evaluation(cfg, module, module.hparams["mean"], module.hparams["std"], bank, query,
+                             test=test)  # extracts bank, val and test
+    assert len(calls) == 4
+    assert fresh["linear_top1_test"] == res.metrics["linear_top1_test"] == res.metrics["linear_top1"]
+    assert fresh["linear_top1_val"] == res.metrics["linear_top1_val"] == res.metrics["linear"]["val_top1"]
+    assert fresh["knn_top1_test"] == res.metrics["knn_top1_test"]
 
 
 class _StopAfterFirstEpoch(L.Callback):

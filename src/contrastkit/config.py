@@ -31,13 +31,20 @@ from contrastkit.errors import ConfigError
 
 @dataclass
 class DataConfig:
-    """Which dataset to train on and which labelled splits the kNN monitor uses."""
+    """Which dataset to train on, which labelled splits the kNN monitor uses and which split is tested once.
+
+    ``val`` and ``train-minus-val`` are carved from ``train`` (seeded, stratified; :mod:`contrastkit.data.splits`):
+    every choice (the monitor, the linear probe's hyper-parameters, recipes) is made on ``val``, and ``test_split``
+    is evaluated once, at the end of training, for the reported numbers."""
 
     name: str = "fashion-mnist"  #: dataset name (see ``contrastkit.data.available_datasets()``)
     root: str | None = None  #: dataset path; None = the dataset's default location (Fashion-MNIST: Debian package)
-    train_split: str = "train"  #: split used for self-supervised training (labels are not used)
-    monitor_bank_split: str | None = "train"  #: labelled split used as the kNN memory bank (None: no kNN monitor)
-    monitor_query_split: str | None = "test"  #: labelled split whose kNN accuracy is monitored
+    train_split: str = "train"  #: split for self-supervised training (labels unused; it may include val)
+    monitor_bank_split: str | None = "train-minus-val"  #: labelled kNN memory bank (None: no kNN monitor)
+    monitor_query_split: str | None = "val"  #: labelled split of the kNN monitor and the probe's choices
+    test_split: str | None = "test"  #: labelled split evaluated once after training; None: none
+    val_size: int | None = None  #: images in ``val``; None: 5000 (fashion-mnist, cifar10/100), else 10% of train
+    val_seed: int = 0  #: seed of ``val`` (not train.seed: every run of a study validates on the same images)
     monitor_bank_size: int = 0  #: >0: use a fixed random subset of that many bank images (faster monitor)
     image_size: int | None = None  #: imagefolder: decode-and-resize size; others: None (native size)
     options: dict[str, Any] = field(default_factory=dict)  #: extra dataset options (e.g. synthetic ``n``)
@@ -195,6 +202,9 @@ class Config:
         precisions = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
         _check(str(self.train.precision) in precisions, "train.precision", self.train.precision,
                "one of " + ", ".join(precisions))
+        _check(self.data.val_size is None or self.data.val_size >= 1, "data.val_size", self.data.val_size,
+               ">= 1 or null (the dataset's default)")
+        _check(self.data.val_seed >= 0, "data.val_seed", self.data.val_seed, ">= 0")
         _check(self.train.knn_k >= 1, "train.knn_k", self.train.knn_k, ">= 1")
         _check(self.train.knn_temperature > 0, "train.knn_temperature", self.train.knn_temperature, "> 0")
         _check(self.model.stem_stride in (1, 2), "model.stem_stride", self.model.stem_stride, "1 or 2")

@@ -53,6 +53,7 @@ class RunSummary:
         curves: CSV column -> list of ``(epoch, value)`` points, sorted by epoch.
         linear_top1: linear-probe top-1 from ``results.json`` or a saved ``eval linear`` result (``None``: none).
         linear_source: ``"results.json"``, ``"eval"`` or ``None``.
+        linear_split: the split ``linear_top1`` was measured on (``None``: the run's ``data.monitor_query_split``).
     """
 
     path: Path
@@ -62,6 +63,7 @@ class RunSummary:
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     linear_top1: float | None = None
     linear_source: str | None = None
+    linear_split: str | None = None
 
     @property
     def complete(self) -> bool:
@@ -149,13 +151,43 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunSummary:
     run = RunSummary(p, name or p.name, config, results, read_metrics_csv(p / "logs" / "csv" / "metrics.csv"))
     if results is not None and isinstance(results.get("linear_top1"), (int, float)):
         run.linear_top1, run.linear_source = float(results["linear_top1"]), "results.json"
+        run.linear_split = "test" if "linear_top1_test" in results else None
     else:
         from contrastkit.evaluation.offline import load_saved_result
 
         saved = load_saved_result(p / "checkpoints" / "last.ckpt", "linear")
         if saved is not None and isinstance(saved.get("top1"), (int, float)):
             run.linear_top1, run.linear_source = float(saved["top1"]), "eval"
+            run.linear_split = saved.get("query_split")
     return run
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def split_metrics(run: RunSummary) -> dict[str, float | None]:
+    """A run's final numbers by the split they were measured on.
+
+    Keys: ``knn_top1_val``, ``knn_top1_test``, ``linear_top1_val`` (validation top-1 of the probe's chosen
+    hyper-parameters), ``linear_top1_test``, ``images_per_sec``, ``train_seconds``, ``fit_wall_seconds``; ``None``
+    when unknown. ``results.json`` written since the validation split existed names these keys itself; for older
+    files the kNN monitor's ``knn_top1`` counts for the split named by the run's ``data.monitor_query_split``
+    (``test`` before the validation split existed), and the linear probe's test top-1 likewise.
+    """
+    res = run.results or {}
+    out: dict[str, float | None] = {k: _number(res.get(k)) for k in (
+        "knn_top1_val", "knn_top1_test", "linear_top1_val", "linear_top1_test", "images_per_sec", "train_seconds",
+        "fit_wall_seconds")}
+    query = str(_section(run.config, "data").get("monitor_query_split") or "test")
+    legacy = "test" if query == "test" else "val"
+    if out["knn_top1_val"] is None and out["knn_top1_test"] is None:
+        out[f"knn_top1_{legacy}"] = _number(res.get("knn_top1"))
+    if out["linear_top1_test"] is None and run.linear_top1 is not None:
+        key = "linear_top1_test" if (run.linear_split or legacy) == "test" else "linear_top1_val"
+        if out[key] is None:
+            out[key] = run.linear_top1
+    return out
 
 
 def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
@@ -208,19 +240,20 @@ def table_row(run: RunSummary) -> list[str]:
         epochs_s = f"{math.floor(done + 1e-9)}/{epochs} (incomplete)"
     else:
         epochs_s = str(epochs)
-    linear = _fmt(run.linear_top1)
-    if run.linear_source == "eval":
+    split = split_metrics(run)
+    linear = _fmt(split["linear_top1_test"])
+    if run.linear_source == "eval" and split["linear_top1_test"] is not None:
         linear += " (eval)"
     return [
         run.name, name, plugins_of(cfg), loss, str(_section(cfg, "model").get("backbone", "-")),
-        str(_section(cfg, "data").get("name", "-")), batch_s, epochs_s, _fmt(res.get("knn_top1")), linear,
-        _duration(res.get("seconds_per_epoch")), _fmt(res.get("images_per_sec"), ".0f"),
-        _fmt(res.get("peak_memory_mb"), ".0f", " MB"),
+        str(_section(cfg, "data").get("name", "-")), batch_s, epochs_s, _fmt(split["knn_top1_val"]),
+        _fmt(split["knn_top1_test"]), linear, _duration(res.get("seconds_per_epoch")),
+        _fmt(res.get("images_per_sec"), ".0f"), _fmt(res.get("peak_memory_mb"), ".0f", " MB"),
     ]
 
 
-TABLE_HEADER = ["run", "method", "plug-ins", "loss", "backbone", "dataset", "batch size", "epochs", "kNN top-1",
-                "linear top-1", "time / epoch", "images/s", "peak memory"]
+TABLE_HEADER = ["run", "method", "plug-ins", "loss", "backbone", "dataset", "batch size", "epochs", "kNN val",
+                "kNN test", "linear test", "time / epoch", "images/s", "peak memory"]
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
@@ -285,15 +318,17 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path = "report") -> 
         "`contrastkit report`.",
         "",
         "| " + " | ".join(TABLE_HEADER) + " |",
-        "|" + "|".join(["---"] * 7 + ["--:"] * 6) + "|",
+        "|" + "|".join(["---"] * 7 + ["--:"] * 7) + "|",
     ]
     for run in runs:
         lines.append("| " + " | ".join(c.replace("|", "/") for c in table_row(run)) + " |")
     lines += [
         "",
-        "kNN top-1: the final kNN monitor (weighted kNN on `data.monitor_query_split`, bank "
-        "`data.monitor_bank_split`, `train.knn_k`, `train.knn_temperature`). Linear top-1: `eval.linear=true` "
-        "at the end of training, or `(eval)`: a later `contrastkit eval linear` of `checkpoints/last.ckpt`. "
+        "kNN val: the final kNN monitor top-1 (weighted kNN on `data.monitor_query_split`, the validation split "
+        "by default; bank `data.monitor_bank_split`, `train.knn_k`, `train.knn_temperature`). kNN test: the single "
+        "final kNN top-1 on `data.test_split` (older runs that monitored the test split show that value here). "
+        "Linear test: `eval.linear=true` at the end of training (hyper-parameters chosen on the validation split), "
+        "or `(eval)`: a later `contrastkit eval linear` of `checkpoints/last.ckpt` on the test split. "
         "Time / epoch and images/s: training only (monitors excluded). Peak memory: CUDA max allocated on a GPU, "
         "the process's peak RSS on the CPU.",
         "",

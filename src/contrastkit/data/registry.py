@@ -13,6 +13,7 @@ from contrastkit.data.cifar import load_cifar
 from contrastkit.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from contrastkit.data.fashion_mnist import load_fashion_mnist
 from contrastkit.data.imagefolder import load_imagefolder
+from contrastkit.data.splits import TRAIN_MINUS_VAL, VAL, default_val_size, validation_split
 from contrastkit.data.stl10 import load_stl10
 from contrastkit.data.synthetic import load_synthetic
 from contrastkit.errors import DataError
@@ -33,19 +34,22 @@ class _Dataset:
 
 _DATASETS: dict[str, _Dataset] = {
     "fashion-mnist": _Dataset(
-        lambda root, split, size: load_fashion_mnist(root, split, size), ("train", "test")
+        lambda root, split, size: load_fashion_mnist(root, split, size), ("train", "test", VAL, TRAIN_MINUS_VAL)
     ),
-    "cifar10": _Dataset(lambda root, split, size: load_cifar("cifar10", root, split, size), ("train", "test")),
-    "cifar100": _Dataset(lambda root, split, size: load_cifar("cifar100", root, split, size), ("train", "test")),
+    "cifar10": _Dataset(lambda root, split, size: load_cifar("cifar10", root, split, size),
+                        ("train", "test", VAL, TRAIN_MINUS_VAL)),
+    "cifar100": _Dataset(lambda root, split, size: load_cifar("cifar100", root, split, size),
+                         ("train", "test", VAL, TRAIN_MINUS_VAL)),
     "stl10": _Dataset(
-        load_stl10, ("train", "test", "unlabeled", "train+unlabeled"), {"cache": True, "cache_dir": None}
+        load_stl10, ("train", "test", "unlabeled", "train+unlabeled", VAL, TRAIN_MINUS_VAL),
+        {"cache": True, "cache_dir": None},
     ),
     "imagefolder": _Dataset(
-        load_imagefolder, ("train", "val", "test"), {"channels": 3, "cache_dir": None, "workers": None}
+        load_imagefolder, ("train", VAL, "test", TRAIN_MINUS_VAL), {"channels": 3, "cache_dir": None, "workers": None}
     ),
     "synthetic": _Dataset(
         lambda root, split, size, **options: load_synthetic(split, size, **options),
-        ("train", "test"),
+        ("train", "test", VAL, TRAIN_MINUS_VAL),
         {"n": None, "channels": 3, "num_classes": 10, "seed": 0, "nuisance": 1.0},
         uses_root=False,
     ),
@@ -97,6 +101,9 @@ def load_dataset(
     root: str | os.PathLike[str] | None = None,
     split: str = "train",
     image_size: int | None = None,
+    *,
+    val_size: int | None = None,
+    val_seed: int = 0,
     **options: Any,
 ) -> ImageTensors:
     """Load a dataset split into memory as uint8 tensors.
@@ -119,10 +126,16 @@ def load_dataset(
               512 test), ``channels`` (3), ``num_classes`` (10), ``seed`` (0); see :mod:`contrastkit.data.synthetic`.
 
         root: the dataset folder; ``None`` (default) uses the dataset's default location.
-        split: which split. Default ``"train"``.
+        split: which split. Default ``"train"``. Every labelled dataset also has ``val`` (a seeded, class-stratified
+            part of ``train``) and ``train-minus-val`` (the rest of ``train``); an image folder with a ``val/``
+            sub-folder uses that folder as ``val`` and all of ``train`` as ``train-minus-val``.
         image_size: output side length. ``imagefolder``: default 64; ``synthetic``: default 32; the fixed-size
             datasets: ``None`` (default) keeps the native size, another value resizes every image (antialiased
             bilinear, shorter side then center crop) into a new in-memory tensor.
+        val_size: size of the ``val`` split carved from ``train`` (see :mod:`contrastkit.data.splits`); ``None``
+            (default) = :func:`~contrastkit.data.splits.default_val_size` (5,000 for Fashion-MNIST and CIFAR, else
+            10 % of ``train``). Only read for the splits ``val`` and ``train-minus-val``.
+        val_seed: seed of that split (default 0).
         **options: the dataset-specific options listed above.
 
     Returns:
@@ -149,4 +162,19 @@ def load_dataset(
             raise DataError(f"dataset path {path} does not exist; {hint}set data.root to the folder that holds {key}")
     elif key == "fashion-mnist":
         path = FASHION_MNIST_ROOT
+    if split_key in (VAL, TRAIN_MINUS_VAL):
+        return _carved_split(key, dataset, path, split_key, size, val_size, val_seed, options)
     return dataset.loader(path, split_key, size, **options)
+
+
+def _carved_split(key: str, dataset: _Dataset, path: Path | None, split: str, size: int | None,
+                  val_size: int | None, val_seed: int, options: dict[str, Any]) -> ImageTensors:
+    """``val`` or ``train-minus-val``: a seeded stratified part of ``train`` or the rest of it."""
+    if key == "imagefolder" and path is not None and (path / VAL).is_dir():  # the folder's own validation split
+        return dataset.loader(path, VAL if split == VAL else "train", size, **options)
+    train = dataset.loader(path, "train", size, **options)
+    n_val = default_val_size(key, len(train)) if val_size is None else val_size
+    rest, val = validation_split(train.labels, train.num_classes, n_val, val_seed, f"{key} train split")
+    part = train.subset(val if split == VAL else rest)
+    part.name = f"{key}/{split}"
+    return part

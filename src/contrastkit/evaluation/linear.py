@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from contrastkit.data.splits import stratified_split
 from contrastkit.errors import ConfigError, DataError
 from contrastkit.evaluation._checks import (
     features_arg,
@@ -94,24 +95,6 @@ class LinearProbeResult:
             "epochs": self.epochs,
             "grid": [dict(row) for row in self.grid],
         }
-
-
-def _stratified_split(labels: Tensor, num_classes: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """Seeded stratified split of row indices (CPU int64): ``round(val_fraction * n_c)`` rows of each class go to
-    validation, but at most ``n_c - 1`` so that every class stays in training."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.argsort(labels, stable=True)  # rows grouped by class
-    counts = torch.bincount(labels, minlength=num_classes).tolist()
-    train_parts, val_parts = [], []
-    start = 0
-    for count in counts:
-        rows = order[start : start + count]
-        rows = rows[torch.randperm(count, generator=generator)]
-        n_val = min(int(math.floor(val_fraction * count + 0.5)), max(count - 1, 0))
-        val_parts.append(rows[:n_val])
-        train_parts.append(rows[n_val:])
-        start += count
-    return torch.sort(torch.cat(train_parts)).values, torch.sort(torch.cat(val_parts)).values
 
 
 def _standardizer(features: Tensor, rows: Tensor, enabled: bool) -> tuple[Tensor, Tensor] | None:
@@ -278,6 +261,7 @@ def linear_probe(
     standardize: bool = True,
     feature_fn: FeatureFn | None = None,
     progress: bool = False,
+    val_rows: Tensor | None = None,
 ) -> LinearProbeResult:
     """Linear-probe accuracy of frozen features (protocol in the module docstring and ``docs/evaluation.md``).
 
@@ -304,6 +288,9 @@ def linear_probe(
             rows and the standardisation statistics. It is called for epochs 0 .. epochs-1 in the grid run and
             again in the final run. Default ``None``: train on ``train_features`` every epoch.
         progress: show tqdm progress bars over epochs (default ``False``).
+        val_rows: row indices of ``train_features`` that form the validation set of the grid search, e.g. a
+            dataset's fixed ``val`` split appended to the training rows (``val_fraction`` is then ignored). Default
+            ``None``: a seeded stratified ``val_fraction`` of the rows. The final run trains on all rows either way.
 
     Returns:
         :class:`LinearProbeResult`.
@@ -337,19 +324,30 @@ def linear_probe(
     common = dict(num_classes=num_classes, dim=dim, epochs=epochs, batch_size=batch_size, momentum=momentum)
 
     with torch.no_grad():
-        if len(points) > 1:
+        if len(points) > 1 and val_rows is not None:
+            val_rows = torch.as_tensor(val_rows, dtype=torch.long).cpu()
+            n = x.shape[0]
+            if val_rows.dim() != 1 or val_rows.numel() == 0 or val_rows.numel() >= n or int(val_rows.min()) < 0 \
+                    or int(val_rows.max()) >= n or len(torch.unique(val_rows)) != val_rows.numel():
+                raise DataError(f"val_rows must be distinct row indices of the {n} training rows, leaving some "
+                                f"for training; got {val_rows.numel()} indices")
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[val_rows] = False
+            train_rows, val_rows = keep.nonzero().flatten(), torch.sort(val_rows).values
+        elif len(points) > 1:
             if val_fraction == 0:
                 raise ConfigError(
                     f"val_fraction=0 leaves no validation set to choose among {len(points)} (lr, weight_decay) "
                     "grid points; use val_fraction > 0 (default 0.1) or pass a single lr and weight_decay"
                 )
             labels_cpu = train_labels.detach().cpu().long()
-            train_rows, val_rows = _stratified_split(labels_cpu, num_classes, val_fraction, seed)
+            train_rows, val_rows = stratified_split(labels_cpu, num_classes, seed, fraction=val_fraction)
             if val_rows.numel() == 0:
                 raise DataError(
                     f"val_fraction={val_fraction} holds out no sample of the {x.shape[0]} training rows; "
                     "raise val_fraction or pass a single lr and weight_decay"
                 )
+        if len(points) > 1:
             stats = _standardizer(x, train_rows.to(dev), standardize)
             weight, bias = _train_heads(
                 features_of_epoch, y, train_rows, stats, [p[0] for p in points], [p[1] for p in points],

@@ -131,10 +131,11 @@ class CheckpointEvaluator:
         if dataset is None or dataset == d.name:
             return {"dataset": d.name, "root": root if root is not None else d.root, "split": split,
                     "image_size": image_size if image_size is not None else d.image_size,
-                    "options": dict(d.options)}
+                    "options": dict(d.options), "val": {"val_size": d.val_size, "val_seed": d.val_seed}}
         if image_size is None and dataset == "imagefolder":
             image_size = self.input_size
-        return {"dataset": dataset, "root": root, "split": split, "image_size": image_size, "options": {}}
+        return {"dataset": dataset, "root": root, "split": split, "image_size": image_size, "options": {},
+                "val": {"val_size": None, "val_seed": 0}}
 
     def dataset(self, split: str, dataset: str | None = None, root: str | None = None,
                 image_size: int | None = None) -> Any:
@@ -150,10 +151,11 @@ class CheckpointEvaluator:
         from contrastkit.data import load_dataset
 
         f = self._dataset_fields(split, dataset, root, image_size)
-        memo = (f["dataset"], f["root"], split, f["image_size"], json.dumps(f["options"], sort_keys=True, default=str))
+        memo = (f["dataset"], f["root"], split, f["image_size"],
+                json.dumps([f["options"], f["val"]], sort_keys=True, default=str))
         if memo not in self._datasets:
             self._datasets[memo] = load_dataset(f["dataset"], root=f["root"], split=split,
-                                                image_size=f["image_size"], **f["options"])
+                                                image_size=f["image_size"], **f["val"], **f["options"])
         return self._datasets[memo]
 
     def _key_fields(self, split: str, kind: str, dataset: str | None, root: str | None,

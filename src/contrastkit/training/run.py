@@ -76,7 +76,7 @@ def load_split(cfg: Config, split: str) -> ImageTensors:
             raise ConfigError(f"data.options.{key} is not an option: set data.{key if key != 'split' else 'train_split'}"
                               " instead")
     return load_dataset(cfg.data.name, root=cfg.data.root, split=split, image_size=cfg.data.image_size,
-                        **cfg.data.options)
+                        val_size=cfg.data.val_size, val_seed=cfg.data.val_seed, **cfg.data.options)
 
 
 def load_monitor_sets(cfg: Config) -> tuple[ImageTensors, ImageTensors] | None:
@@ -327,7 +327,7 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
                             every_n_epochs=cfg.train.knn_every_n_epochs if cfg.train.knn_every_n_epochs > 0
                             else 10**9, batch_size=cfg.eval.batch_size,
                             size=eval_size(cfg, int(data.images.shape[-1])), clock=clock,
-                            keep_features=cfg.eval.linear)
+                            keep_features=cfg.eval.linear or separate_test_split(cfg))
         extra.append(knn_cb)
 
     online_cb = None
@@ -382,18 +382,22 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
     metrics["images_per_sec"] = clock.images_per_sec
     metrics["seconds_per_epoch"] = clock.train_seconds / max(1, trainer.current_epoch)
     if knn_cb is not None:
+        metrics["splits"] = evaluation_splits(cfg)
         metrics["knn_history"] = knn_cb.history
         if knn_cb.history:
-            metrics["knn_top1"] = knn_cb.history[-1]["knn_top1"]
-            metrics["knn_top5"] = knn_cb.history[-1]["knn_top5"]
+            role = split_role(cfg, cfg.data.monitor_query_split)
+            metrics["knn_top1"] = metrics[f"knn_top1_{role}"] = knn_cb.history[-1]["knn_top1"]
+            metrics["knn_top5"] = metrics[f"knn_top5_{role}"] = knn_cb.history[-1]["knn_top5"]
     if online_cb is not None and online_cb.history:
         metrics["online_linear_history"] = online_cb.history
         metrics["online_linear_top1"] = online_cb.history[-1]["online_linear_top1"]
-    if trainer.global_rank == 0 and monitor_sets is not None and (cfg.eval.baselines or cfg.eval.linear):
+    test_eval = separate_test_split(cfg) and (cfg.eval.knn or cfg.eval.baselines or cfg.eval.linear)
+    if trainer.global_rank == 0 and monitor_sets is not None and (cfg.eval.baselines or cfg.eval.linear or test_eval):
         features = None
         if knn_cb is not None and knn_cb.last_features is not None and knn_cb.last_features[0] == trainer.global_step:
             features = knn_cb.last_features[1:]  # the monitor already embedded both sets with the final weights
-        metrics.update(final_evaluation(cfg, module, mean, std, *monitor_sets, features=features))
+        test = load_labelled_split(cfg, cfg.data.test_split) if test_eval else None  # type: ignore[arg-type]
+        metrics.update(final_evaluation(cfg, module, mean, std, *monitor_sets, features=features, test=test))
     last = run_dir / "checkpoints" / "last.ckpt"
     if trainer.global_rank == 0:
         write_json_atomic(run_dir / "results.json", metrics)
@@ -406,14 +410,50 @@ def eval_size(cfg: Config, image_side: int) -> int | None:
     return crop if crop and crop != image_side else None
 
 
-def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: list[float], bank: ImageTensors,
-                     query: ImageTensors, features: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> dict[str, Any]:
-    """Baselines and the linear probe, on the monitor's labelled splits.
+def split_role(cfg: Config, split: str | None) -> str:
+    """``"test"`` for the configured test split, else ``"val"``: the suffix of the ``results.json`` keys of numbers
+    measured on ``split`` (``knn_top1_val``, ``linear_top1_test``, ...)."""
+    return "test" if split is not None and split == cfg.data.test_split else "val"
 
-    Baselines (``eval.baselines``): the same kNN on the random-init backbone, on raw pixels normalised per channel
-    like the network's input (``raw_pixels_knn``), and on raw pixels in [0, 1] (``raw_pixels_unnormalised_knn``;
-    cosine similarity of non-negative vectors, the weaker of the two, and the usual "raw pixels" row elsewhere).
+
+def separate_test_split(cfg: Config) -> bool:
+    """Whether the test split is evaluated once after training, apart from the monitor's query split."""
+    return bool(cfg.data.test_split) and cfg.data.test_split != cfg.data.monitor_query_split
+
+
+def evaluation_splits(cfg: Config) -> dict[str, str | None]:
+    """Which split each role used (``results.json`` ``splits``): pretraining, kNN bank, validation, test."""
+    return {"train": cfg.data.train_split, "bank": cfg.data.monitor_bank_split, "val": cfg.data.monitor_query_split,
+            "test": cfg.data.test_split}
+
+
+def load_labelled_split(cfg: Config, split: str) -> ImageTensors:
+    """:func:`load_split` for a split that must have labels (the test split)."""
+    ds = load_split(cfg, split)
+    if ds.labels is None:
+        raise DataError(f"{cfg.data.name} split {split!r} has no labels, so it cannot be evaluated; set "
+                        "data.test_split to a labelled split or null")
+    return ds
+
+
+def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: list[float], bank: ImageTensors,
+                     query: ImageTensors, features: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     test: ImageTensors | None = None) -> dict[str, Any]:
+    """The final numbers of a run: kNN on the test split, the baselines and the linear probe.
+
+    ``bank`` and ``query`` are the monitor's splits (the training split minus the validation images, and the
+    validation split); ``test`` is the test split, evaluated here once (``None``: the query split is the one
+    reported, as when ``data.test_split`` is null or equals ``data.monitor_query_split``). Keys carry the split:
+
+    * ``knn_test`` / ``knn_top1_test`` / ``knn_top5_test`` (``eval.knn``, with ``test``): the monitor's kNN on test.
+    * Baselines (``eval.baselines``), on the reported split: the same kNN on the random-init backbone, on raw pixels
+      normalised per channel like the network's input (``raw_pixels_knn``), and on raw pixels in [0, 1]
+      (``raw_pixels_unnormalised_knn``; cosine similarity of non-negative vectors, the weaker of the two, and the
+      usual "raw pixels" row elsewhere).
+    * ``linear`` (``eval.linear``): with ``test``, :func:`linear_probe` on bank + validation rows with the
+      hyper-parameters chosen on the validation rows (``val_rows``), the final head trained on both and tested on
+      ``test``: ``linear_top1_val``, ``linear_top1_test`` (and ``linear_top1``, the test number, as before).
+      Without ``test``: the probe's own held-out split of the bank, tested on ``query``.
 
     ``features``: the trained backbone's ``(bank, query)`` features if already extracted (by the kNN monitor at
     the final step); otherwise they are extracted here."""
@@ -422,35 +462,55 @@ def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: lis
 
     device = module.device
     size = eval_size(cfg, int(module.hparams["image_size"]))
-    assert bank.labels is not None and query.labels is not None
-    yb, yq = bank.labels.to(device), query.labels.to(device)
-    num_classes = int(max(yb.max(), yq.max())) + 1
+    val = query
+    report = test if test is not None else query  # the split whose numbers are reported (the baselines')
+    assert bank.labels is not None and val.labels is not None and report.labels is not None
+    yb, yv, yq = bank.labels.to(device), val.labels.to(device), report.labels.to(device)
+    num_classes = int(max(yb.max(), yv.max(), yq.max())) + 1
     k, t = min(cfg.train.knn_k, len(bank)), cfg.train.knn_temperature
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"final_split": cfg.data.test_split if test is not None else cfg.data.monitor_query_split}
+    trained: dict[str, torch.Tensor] = {}
+
+    def trained_features(name: str, images: torch.Tensor) -> torch.Tensor:  # N x D, each set extracted once
+        if name not in trained:
+            trained[name] = extract_features(module.backbone, images, mean, std, cfg.eval.batch_size, device, size)
+        return trained[name]
+
+    if features is not None:
+        trained["bank"], trained["val"] = features[0].to(device), features[1].to(device)
+    if test is not None and cfg.eval.knn:
+        res = knn_evaluate(trained_features("bank", bank.images), yb, trained_features("test", test.images), yq,
+                           num_classes, k=k, temperature=t)
+        out["knn_test"] = res
+        out["knn_top1_test"], out["knn_top5_test"] = res["top1"], res["top5"]
     if cfg.eval.baselines:
         torch.manual_seed(cfg.train.seed)
         rand, _ = build_backbone(cfg.model.backbone, bank.channels, cfg.model.cifar_stem, cfg.model.widths,
                                  cfg.model.blocks, stem_stride=cfg.model.stem_stride)
         rand = rand.to(device)
         fb = extract_features(rand, bank.images, mean, std, cfg.eval.batch_size, device, size)
-        fq = extract_features(rand, query.images, mean, std, cfg.eval.batch_size, device, size)
+        fq = extract_features(rand, report.images, mean, std, cfg.eval.batch_size, device, size)
         out["random_init_knn"] = knn_evaluate(fb, yb, fq, yq, num_classes, k=k, temperature=t)
         pix = torch.nn.Flatten()
         fb = extract_features(pix, bank.images, mean, std, cfg.eval.batch_size, device)
-        fq = extract_features(pix, query.images, mean, std, cfg.eval.batch_size, device)
+        fq = extract_features(pix, report.images, mean, std, cfg.eval.batch_size, device)
         out["raw_pixels_knn"] = knn_evaluate(fb, yb, fq, yq, num_classes, k=k, temperature=t)
         zero, one = [0.0] * bank.channels, [1.0] * bank.channels  # pixels in [0, 1], not centred
         fb = extract_features(pix, bank.images, zero, one, cfg.eval.batch_size, device)
-        fq = extract_features(pix, query.images, zero, one, cfg.eval.batch_size, device)
+        fq = extract_features(pix, report.images, zero, one, cfg.eval.batch_size, device)
         out["raw_pixels_unnormalised_knn"] = knn_evaluate(fb, yb, fq, yq, num_classes, k=k, temperature=t)
     if cfg.eval.linear:
-        if features is not None:
-            fb, fq = features[0].to(device), features[1].to(device)
+        fb, fv = trained_features("bank", bank.images), trained_features("val", val.images)
+        if test is not None:  # choose on the validation rows, train the final head on bank + val, test once
+            rows = torch.arange(len(bank), len(bank) + len(val))
+            res = linear_probe(torch.cat([fb, fv]), torch.cat([yb, yv]), trained_features("test", test.images), yq,
+                               num_classes, epochs=cfg.eval.linear_epochs, device=device, seed=cfg.train.seed,
+                               val_rows=rows)
+            out["linear_top1_val"], out["linear_top1_test"] = res.val_top1, res.top1
         else:
-            fb = extract_features(module.backbone, bank.images, mean, std, cfg.eval.batch_size, device, size)
-            fq = extract_features(module.backbone, query.images, mean, std, cfg.eval.batch_size, device, size)
-        res = linear_probe(fb, yb, fq, yq, num_classes, epochs=cfg.eval.linear_epochs, device=device,
-                           seed=cfg.train.seed)
+            res = linear_probe(fb, yb, fv, yv, num_classes, epochs=cfg.eval.linear_epochs, device=device,
+                               seed=cfg.train.seed)
+            out[f"linear_top1_{split_role(cfg, cfg.data.monitor_query_split)}"] = res.top1
         out["linear"] = res.to_dict()
         out["linear_top1"] = res.top1
     return out
