@@ -5,7 +5,8 @@
     contrastkit train [CONFIG.yaml] [key=value ...] [--resume CKPT|last] [--print-config]
     contrastkit eval knn CHECKPOINT [key=value ...] [--k 200] [--temperature 0.1] [--grid] [--features ...] [--json]
     contrastkit eval linear CHECKPOINT [key=value ...] [--epochs 100] [--augmented] [--features ...] [--json]
-    contrastkit report RUN_DIR [RUN_DIR ...] [--out report]
+    contrastkit study STUDY.yaml [--jobs N] [--dry-run] [--out STUDY_DIR]
+    contrastkit report RUN_DIR|STUDY_DIR [...] [--out report]
     contrastkit plot embedding CHECKPOINT [--method tsne|umap] [--out PNG]
     contrastkit plot neighbours CHECKPOINT [--out PNG] [--queries 8] [--k 8]
     contrastkit export CHECKPOINT [--out backbone.pt]
@@ -65,16 +66,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if m.get("knn_top1") is None:
         print(f"done: {result.run_dir}")
         return 0
-    rows = [(f"{cfg.method.name}+{cfg.method.loss} ({cfg.model.backbone}, {cfg.train.epochs} ep)",
-             f"{m['knn_top1']:.2f}")]
-    if "random_init_knn" in m:
+    if "knn_top1_test" in m:  # the single final evaluation on the test split
+        split, top1 = cfg.data.test_split, m["knn_top1_test"]
+    else:  # the monitor's last value
+        split, top1 = cfg.data.monitor_query_split, m["knn_top1"]
+    rows = [(f"{cfg.method.name}+{cfg.method.loss} ({cfg.model.backbone}, {cfg.train.epochs} ep)", f"{top1:.2f}")]
+    if "random_init_knn" in m and m.get("final_split") == split:
         rows.append((f"random-init {cfg.model.backbone}", f"{m['random_init_knn']['top1']:.2f}"))
         rows.append(("raw pixels (normalised)", f"{m['raw_pixels_knn']['top1']:.2f}"))
         rows.append(("raw pixels (in [0, 1])", f"{m['raw_pixels_unnormalised_knn']['top1']:.2f}"))
-    if "linear_top1" in m:
-        rows.append(("linear probe (trained backbone)", f"{m['linear_top1']:.2f}"))
-    _print_table(rows, f"kNN top-1 on {cfg.data.name} {cfg.data.monitor_query_split} "
-                       f"(k={cfg.train.knn_k}, T={cfg.train.knn_temperature}, cosine)")
+    linear = m.get("linear_top1_test" if split == cfg.data.test_split else "linear_top1_val")
+    if linear is not None:
+        rows.append(("linear probe (trained backbone)", f"{linear:.2f}"))
+    _print_table(rows, f"kNN top-1 on {cfg.data.name} {split} (k={cfg.train.knn_k}, T={cfg.train.knn_temperature}, "
+                       f"cosine; bank {cfg.data.monitor_bank_split})")
+    if "knn_top1_val" in m and split != cfg.data.monitor_query_split:
+        print(f"(validation split {cfg.data.monitor_query_split}: kNN top-1 {m['knn_top1_val']:.2f}"
+              + (f", linear {m['linear_top1_val']:.2f}" if m.get("linear_top1_val") is not None else "") + ")")
     print(f"\ntraining time {m['train_seconds']:.0f} s, {m['images_per_sec']:.0f} images/s; "
           f"results: {result.run_dir / 'results.json'}")
     return 0
@@ -119,9 +127,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from contrastkit.report import build_report
+    from contrastkit.study import is_study_dir, write_summary
 
-    md = build_report(args.run_dirs, args.out)
-    print(f"wrote {md} (+ PNG plots in {md.parent})")
+    studies = [d for d in args.run_dirs if is_study_dir(d)]
+    for study_dir in studies:  # a study folder: its summary is (re)written in place
+        write_summary(study_dir)
+        print(f"wrote {os.path.join(study_dir, 'summary.md')} (+ summary.json and PNG plots)")
+    runs = [d for d in args.run_dirs if d not in studies]
+    if runs:
+        md = build_report(runs, args.out)
+        print(f"wrote {md} (+ PNG plots in {md.parent})")
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    from contrastkit.study import load_study, run_study, study_commands
+
+    study = load_study(args.study, out=args.out)
+    if args.dry_run:
+        for line in study_commands(study):
+            print(line)
+        return 0
+    summary = run_study(study, jobs=args.jobs)
+    print(f"wrote {study.out / 'summary.md'} (+ summary.json and PNG plots)")
+    if summary["failed"]:
+        print(f"error: {len(summary['failed'])} run(s) failed; see study.log in "
+              + ", ".join(summary["failed"]), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -207,8 +239,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON record")
     e.set_defaults(func=cmd_eval)
 
-    r = sub.add_parser("report", help="compare runs: Markdown table + PNG training curves")
-    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    st = sub.add_parser("study", help="run arms x seeds at an equal budget; summary with paired 95%% CIs")
+    st.add_argument("study", help="study YAML file (see studies/example.yaml)")
+    st.add_argument("--jobs", type=int, default=1, help="runs at a time (subprocesses; one GPU each where present)")
+    st.add_argument("--dry-run", action="store_true", help="print the contrastkit train commands; run nothing")
+    st.add_argument("--out", help="study folder (default: the file's 'out', else runs/studies/STEM)")
+    st.set_defaults(func=cmd_study)
+
+    r = sub.add_parser("report", help="compare runs: Markdown table + PNG training curves; or summarise studies")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders, or study folders (summary.md)")
     r.add_argument("--out", default="report", help="output folder (default ./report)")
     r.set_defaults(func=cmd_report)
 
