@@ -315,19 +315,30 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def read_yaml_mapping(path: str | Path, kind: str, missing_hint: str, shape: str) -> dict[str, Any]:
+    """Read the YAML file ``path`` that must hold a mapping (an empty file gives ``{}``).
+
+    Raises:
+        ConfigError: ``"<kind> file 'path' not found; <missing_hint>"``, invalid YAML, or ``"... must be <shape>"``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{kind} file {str(p)!r} not found; {missing_hint}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{kind} file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{kind} file {str(p)!r} must be {shape}")
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the YAML file ``path`` (if any), then ``key=value`` overrides; validated."""
     cfg = Config()
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found; presets are in configs/ (e.g. configs/fmnist_simclr_dcl.yaml)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(p)!r} must be a mapping of sections")
+        data = read_yaml_mapping(path, "config", "presets are in configs/ (e.g. configs/fmnist_simclr_dcl.yaml)",
+                                 "a mapping of sections")
         for section, values in data.items():
             _apply(cfg, str(section), values)
     return apply_overrides(cfg, overrides or [])

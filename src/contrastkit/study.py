@@ -54,9 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from contrastkit.config import Config, load_config
+from contrastkit.config import Config, load_config, read_yaml_mapping
 from contrastkit.errors import ConfigError, ContrastkitError
 
 __all__ = [
@@ -214,14 +213,8 @@ def load_study(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
             arms with unequal budgets (unless ``allow_unequal_budget: true``).
     """
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"study file {str(p)!r} not found; see studies/example.yaml for the format")
-    try:
-        spec = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"study file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(spec, dict):
-        raise ConfigError(f"study file {str(p)!r} must be a mapping with keys base, budget, arms, ...")
+    spec = read_yaml_mapping(p, "study", "see studies/example.yaml for the format",
+                             "a mapping with keys base, budget, arms, ...")
     unknown = sorted(set(spec) - _STUDY_KEYS)
     if unknown:
         raise ConfigError(f"unknown key {unknown[0]!r} in study file {str(p)!r}; valid keys: "
