@@ -110,7 +110,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res))
     elif res["protocol"] == "knn-grid":
-        print(f"\nkNN grid {where}; the best row is chosen on the test split: report it as such")
+        note = ("the best row is chosen on the test split: report it as such" if res["query_split"] == "test" else
+                f"choose on {res['query_split']}, then evaluate only that setting on test")
+        print(f"\nkNN grid {where}; {note}")
         print(f"{'metric':<10} {'k':>5} {'T':>6} {'top-1':>7} {'top-5':>7}")
         for r in res["grid"]:
             t = "-" if r["temperature"] is None else f"{r['temperature']:g}"

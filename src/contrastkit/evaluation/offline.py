@@ -271,8 +271,9 @@ class CheckpointEvaluator:
     def knn_grid(self, ks: Sequence[int] = GRID_KS, temperatures: Sequence[float] = GRID_TEMPERATURES,
                  metrics: Sequence[str] = GRID_METRICS, kind: str = "backbone") -> dict[str, Any]:
         """The kNN grid over ``ks`` x ``temperatures`` x ``metrics`` (euclidean ignores T): ``{"grid": rows, ...}``
-        with one ``{"metric", "k", "temperature", "top1", "top5"}`` row per setting. The best row is the best *test*
-        accuracy: report it as such, never as a tuned result."""
+        with one ``{"metric", "k", "temperature", "top1", "top5"}`` row per setting. The best row is the best on the
+        query split (``data.monitor_query_split``): a choice when that is ``val``; with ``test`` an upper bound, never a
+        tuned result."""
         bank, query = self.labelled(kind)
         rows = knn_grid(bank.features, bank.labels, query.features, query.labels, _num_classes(bank, query),
                         ks=tuple(ks), temperatures=tuple(temperatures), metrics=tuple(metrics))
