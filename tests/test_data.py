@@ -132,9 +132,9 @@ def random_rgb(seed: int, h: int = 8, w: int = 8) -> np.ndarray:
 
 def test_registry_lists_datasets_splits_and_options():
     assert available_datasets() == ["cifar10", "cifar100", "fashion-mnist", "imagefolder", "stl10", "synthetic"]
-    assert dataset_splits("stl10") == ["train", "test", "unlabeled", "train+unlabeled"]
-    assert dataset_splits("Fashion_MNIST") == ["train", "test"]
-    assert dataset_splits("imagefolder") == ["train", "val", "test"]
+    assert dataset_splits("stl10") == ["train", "test", "unlabeled", "train+unlabeled", "val", "train-minus-val"]
+    assert dataset_splits("Fashion_MNIST") == ["train", "test", "val", "train-minus-val"]
+    assert dataset_splits("imagefolder") == ["train", "val", "test", "train-minus-val"]
     assert set(dataset_options("synthetic")) == {"n", "channels", "num_classes", "seed", "nuisance"}
     assert dataset_options("cifar10") == {}
 
@@ -144,8 +144,8 @@ def test_generic_errors_are_one_line_data_errors(tmp_path):
         load_dataset("mnist")
     with raises_data_error("unknown dataset"):
         dataset_splits("nope")
-    with raises_data_error("unknown split 'val'", "train, test"):
-        load_dataset("synthetic", split="val")
+    with raises_data_error("unknown split 'dev'", "train, test, val, train-minus-val"):
+        load_dataset("synthetic", split="dev")
     with raises_data_error("unknown option 'shuffle'", "n, channels, num_classes, seed"):
         load_dataset("synthetic", shuffle=True)
     with raises_data_error("unknown option 'channels'", "valid options: none"):
@@ -464,8 +464,10 @@ def test_imagefolder_flat_splits_resize_and_cache_dir(tmp_path, monkeypatch):
     data = load_dataset("imagefolder", root=flat, image_size=4)
     assert data.labels is None and data.classes is None and data.images.shape == (2, 3, 4, 4)
     assert data.images[1].permute(1, 2, 0).reshape(-1, 3).tolist() == [[0, 255, 0]] * 16
-    with raises_data_error("no train/val/test sub-folders", "split=train"):
+    with raises_data_error("no class folders and no val/ sub-folder", "split=train"):
         load_dataset("imagefolder", root=flat, split="val")
+    with raises_data_error("no train/val/test sub-folders", "split=train"):
+        load_dataset("imagefolder", root=flat, split="test")
 
     split_root = tmp_path / "splits"
     save_image(split_root / "train" / "x" / "0.png", random_rgb(1))

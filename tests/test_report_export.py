@@ -273,8 +273,9 @@ def test_feature_cache_is_reused_and_invalidated(ckpt, monkeypatch):
 def test_eval_knn_grid_and_linear_cli(ckpt, capsys):
     module = load_module(ckpt)
     hp = module.hparams
-    bank = load_dataset("synthetic", split="train", image_size=16, n=512, channels=3)
-    query = load_dataset("synthetic", split="test", image_size=16, n=512, channels=3)
+    # the checkpoint's defaults: the validation split against the training split without it
+    bank = load_dataset("synthetic", split="train-minus-val", image_size=16, n=512, channels=3)
+    query = load_dataset("synthetic", split="val", image_size=16, n=512, channels=3)
     fb = extract_features(module.backbone, bank.images, hp["mean"], hp["std"])
     fq = extract_features(module.backbone, query.images, hp["mean"], hp["std"])
     expected = knn_evaluate(fb, bank.labels, fq, query.labels, 10, k=20, temperature=0.1)
@@ -283,6 +284,7 @@ def test_eval_knn_grid_and_linear_cli(ckpt, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert res["top1"] == pytest.approx(expected["top1"]) and res["top5"] == pytest.approx(expected["top5"])
     assert res["features"] == "backbone" and res["k"] == 20
+    assert (res["bank_split"], res["query_split"]) == ("train-minus-val", "val")
 
     assert main(["eval", "knn", str(ckpt), "--grid", "--ks", "5", "20", "--temperatures", "0.1", "0.2", "--json",
                  "--device", "cpu"]) == 0
@@ -300,9 +302,9 @@ def test_eval_knn_grid_and_linear_cli(ckpt, capsys):
     lin = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= lin["top1"] <= 100 and lin["augmented"]["passes"] == 2 and len(lin["grid"]) == 24
     cache = ckpt.with_name(ckpt.name + ".features")
-    assert (cache / "synthetic-train-backbone-aug0.pt").is_file()
-    assert (cache / "synthetic-train-backbone-aug1.pt").is_file()
-    assert not (cache / "synthetic-train-backbone-aug2.pt").exists()
+    assert (cache / "synthetic-train_minus_val-backbone-aug0.pt").is_file()
+    assert (cache / "synthetic-train_minus_val-backbone-aug1.pt").is_file()
+    assert not (cache / "synthetic-train_minus_val-backbone-aug2.pt").exists()
     assert json.loads((cache / "results-linear.json").read_text())["top1"] == lin["top1"]
 
 
@@ -343,8 +345,8 @@ def test_neighbour_grid_marks_wrong_classes(ckpt, tmp_path):
 
     ev = CheckpointEvaluator(ckpt, device="cpu")
     _, info = plot_neighbours(ev, tmp_path / "n.png", num_queries=4, k=5)
-    train_labels = ev.features("train").labels.cpu()
-    test_labels = ev.features("test").labels.cpu()
+    train_labels = ev.features("train-minus-val").labels.cpu()  # the default bank and query splits
+    test_labels = ev.features("val").labels.cpu()
     wrong = sum(int(train_labels[n] != test_labels[q]) for q, row in zip(info["queries"], info["neighbours"])
                 for n in row)
     assert info["wrong"] == wrong and len(info["neighbours"]) == 4 and all(len(r) == 5 for r in info["neighbours"])

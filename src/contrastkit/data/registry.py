@@ -173,6 +173,9 @@ def _carved_split(key: str, dataset: _Dataset, path: Path | None, split: str, si
     if key == "imagefolder" and path is not None and (path / VAL).is_dir():  # the folder's own validation split
         return dataset.loader(path, VAL if split == VAL else "train", size, **options)
     train = dataset.loader(path, "train", size, **options)
+    if key == "imagefolder" and train.labels is None:
+        raise DataError(f"{path} has no class folders and no val/ sub-folder, so it has no split {split!r}; use "
+                        f"split=train or create {path / VAL if path is not None else 'ROOT/val'}")
     n_val = default_val_size(key, len(train)) if val_size is None else val_size
     rest, val = validation_split(train.labels, train.num_classes, n_val, val_seed, f"{key} train split")
     part = train.subset(val if split == VAL else rest)
