@@ -73,6 +73,10 @@ def test_synthetic_val_and_train_minus_val_partition_train():
     other = load_dataset("synthetic", split="val", n=300, image_size=8, val_size=50, val_seed=4)
     assert len(other) == 50
     assert "val" in dataset_splits("cifar10") and "train-minus-val" in dataset_splits("stl10")
+    from contrastkit.data.splits import default_val_size
+
+    assert [default_val_size(name, n) for name, n in (("fashion-mnist", 60000), ("cifar10", 50000),
+                                                      ("cifar100", 50000), ("stl10", 5000))] == [5000] * 3 + [500]
 
 
 @pytest.mark.skipif(not FMNIST.is_file(), reason="Fashion-MNIST is not installed")

@@ -238,3 +238,19 @@ def test_parallel_jobs_run_as_subprocesses(tmp_path, capsys):
         assert json.loads((run / "results.json").read_text())["steps"] == 1
         assert (run / "study.log").is_file()
     assert "2/2 runs done (0 failed)" in capsys.readouterr().err
+
+
+def test_parallel_jobs_get_one_gpu_each_or_a_share_of_the_cores(monkeypatch):
+    from contrastkit.study import _gpu_ids, _job_env
+
+    assert [_job_env(slot, 3, ["2", "5"])["CUDA_VISIBLE_DEVICES"] for slot in range(3)] == ["2", "5", "2"]
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert _job_env(0, 4, [])["OMP_NUM_THREADS"] == "4"  # 16 cores / 4 jobs, no GPU
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert _gpu_ids() == ["4", "6"]  # the GPUs this process may use, as the jobs must name them
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert _gpu_ids() == ["0", "1"]
