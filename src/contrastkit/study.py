@@ -57,6 +57,7 @@ from typing import Any
 
 from contrastkit.config import Config, load_config, read_yaml_mapping
 from contrastkit.errors import ConfigError, ContrastkitError
+from contrastkit.io import write_json_atomic, write_text_atomic
 
 __all__ = [
     "ArmRun", "Study", "load_study", "paired_difference", "read_study", "run_study", "study_commands",
@@ -392,7 +393,7 @@ def run_study(study: Study, jobs: int = 1, *, python: str | None = None,
     python = python or sys.executable
     say = progress or (lambda line: print(line, file=sys.stderr, flush=True))
     study.out.mkdir(parents=True, exist_ok=True)
-    _write_json(study.out / STUDY_FILE, study.to_dict())
+    write_json_atomic(study.out / STUDY_FILE, study.to_dict())
     runs = study.runs()
     queue = [r for r in runs if not r.finished]
     total = len(runs)
@@ -444,12 +445,6 @@ def run_study(study: Study, jobs: int = 1, *, python: str | None = None,
     summary = write_summary(study.out)
     summary["failed"] = failed
     return summary
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=float))
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -585,11 +580,8 @@ def write_summary(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
                "differences": differences, "missing": missing}
     plots = _plot_study(root, runs_by_arm)
     summary["plots"] = [p.name for p in plots]
-    _write_json(root / "summary.json", summary)
-    md = root / "summary.md"
-    tmp = md.with_name(f".{md.name}.{os.getpid()}.tmp")
-    tmp.write_text(summary_markdown(summary))
-    os.replace(tmp, md)
+    write_json_atomic(root / "summary.json", summary)
+    write_text_atomic(root / "summary.md", summary_markdown(summary))
     return summary
 
 
