@@ -151,6 +151,7 @@ def test_resume_skips_finished_runs(tmp_path, monkeypatch):
             self.returncode = None
 
         def poll(self):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "results.json").write_text("{}")
             self.returncode = 0
             return 0
@@ -230,13 +231,13 @@ def test_tiny_study_end_to_end(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_parallel_jobs_run_as_subprocesses(tmp_path, capsys):
-    # --jobs 2: each run is a `python -m contrastkit.cli train` process with its output in RUN_DIR/study.log.
+    # --jobs 2: each run is a `python -m contrastkit.cli train` process with its output in STUDY_DIR/logs/.
     path = _study(tmp_path, budget={"steps": 1}, arms={"infonce": ["method.loss=infonce"]}, baseline=None)
     assert main(["study", str(path), "--jobs", "2"]) == 0
     for seed in (0, 1):
         run = tmp_path / "st" / "infonce" / f"seed-{seed}"
         assert json.loads((run / "results.json").read_text())["steps"] == 1
-        assert (run / "study.log").is_file()
+        assert (tmp_path / "st" / "logs" / "infonce" / f"seed-{seed}.log").is_file()
     assert "2/2 runs done (0 failed)" in capsys.readouterr().err
 
 

@@ -153,8 +153,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     summary = run_study(study, jobs=args.jobs)
     print(f"wrote {study.out / 'summary.md'} (+ summary.json and PNG plots)")
     if summary["failed"]:
-        print(f"error: {len(summary['failed'])} run(s) failed; see study.log in "
-              + ", ".join(summary["failed"]), file=sys.stderr)
+        print(f"error: {len(summary['failed'])} run(s) failed ({', '.join(summary['failed'])}); see their output "
+              f"above or in {study.out / 'logs'}", file=sys.stderr)
         return 1
     return 0
 

@@ -74,8 +74,8 @@ _ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _RUN_OVERRIDES = ("train.progress_bar=false",)
 #: Name of the file in the study folder that records the resolved study.
 STUDY_FILE = "study.json"
-#: Log of each run's output, in its run folder.
-RUN_LOG = "study.log"
+#: Folder of the runs' logs in the study folder (a run folder must hold nothing but its run).
+LOG_FOLDER = "logs"
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,10 @@ class ArmRun:
     seed: int
     run_dir: Path
     overrides: tuple[str, ...]  #: every override after the base config (base, budget, arm, seed, run_dir)
+
+    def log_path(self, study_dir: Path) -> Path:
+        """Where the study keeps this run's output: ``STUDY_DIR/logs/ARM/seed-S.log``."""
+        return study_dir / LOG_FOLDER / self.arm / f"seed-{self.seed}.log"
 
     @property
     def finished(self) -> bool:
@@ -353,16 +357,17 @@ def _eta(seconds: float) -> str:
 
 def _run_in_process(study: Study, run: ArmRun) -> bool:
     """Run one training with ``contrastkit.cli.main`` and the same arguments as its command line; ``True`` when it
-    finished. An error is printed (and written to ``RUN_DIR/study.log``) and does not stop the study."""
+    finished. An error is printed (and written to ``STUDY_DIR/logs/ARM/seed-S.log``) and does not stop the study."""
     from contrastkit.cli import main as cli_main
 
-    run.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         code = cli_main(train_command(study, run)[1:])
     except Exception:  # a crash of one run (a bug, out of memory) must not end the study
         text = traceback.format_exc()
         print(text, file=sys.stderr)
-        with open(run.run_dir / RUN_LOG, "a") as f:
+        log = run.log_path(study.out)
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
             f.write(text)
         code = 1
     return code == 0 and run.finished
@@ -378,7 +383,7 @@ def run_study(study: Study, jobs: int = 1, *, python: str | None = None,
     With ``jobs=1`` (default) the runs go one after the other through ``contrastkit.cli.main`` in this process, with
     the arguments of their command line (no interpreter start-up per run: importing torch and Lightning takes
     5-20 s on a busy 2-core machine). With ``jobs > 1`` each run is the subprocess ``python -m contrastkit.cli
-    train ...`` with its output in ``RUN_DIR/study.log``; with GPUs each job gets one (``CUDA_VISIBLE_DEVICES``,
+    train ...`` with its output in ``STUDY_DIR/logs/ARM/seed-S.log``; with GPUs each job gets one (``CUDA_VISIBLE_DEVICES``,
     round-robin over the visible ones), on the CPU each gets ``cpus / jobs`` threads (``OMP_NUM_THREADS``).
 
     Args:
@@ -425,8 +430,9 @@ def run_study(study: Study, jobs: int = 1, *, python: str | None = None,
                 for slot in range(jobs):
                     if slot not in running and queue:
                         run = queue.pop(0)
-                        run.run_dir.mkdir(parents=True, exist_ok=True)
-                        log = open(run.run_dir / RUN_LOG, "ab")  # noqa: SIM115 (closed when the process ends)
+                        log_path = run.log_path(study.out)
+                        log_path.parent.mkdir(parents=True, exist_ok=True)
+                        log = open(log_path, "ab")  # noqa: SIM115 (closed when the process ends)
                         proc = subprocess.Popen(train_command(study, run, python), stdout=log,
                                                 stderr=subprocess.STDOUT, env=_job_env(slot, jobs, gpus))
                         running[slot] = (proc, run, log, time.perf_counter())
