@@ -77,6 +77,22 @@ def test_corrupt_image(tmp_path):
 
 
 @pytest.mark.slow
+def test_float_image_is_refused_naming_file_and_mode(tmp_path):
+    # 32-bit float pixels have no known range: refused (16-bit greyscale is scaled, see tests/test_data.py).
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "imgs" / "cls"
+    root.mkdir(parents=True)
+    Image.new("RGB", (20, 20), (40, 0, 0)).save(root / "0.png")
+    Image.fromarray(np.full((20, 20), 0.5, np.float32)).save(root / "depth.tif")
+    proc = _run(["train", "data.name=imagefolder", f"data.root={tmp_path / 'imgs'}", "data.image_size=16",
+                 f"train.run_dir={tmp_path / 'run'}"], tmp_path)
+    _assert_clean_error(proc, "depth.tif", "mode F")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_empty_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
     proc = _run(["train", "data.name=imagefolder", f"data.root={tmp_path / 'empty'}", "data.image_size=16",
