@@ -98,6 +98,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         res = ev.linear(epochs=args.epochs, augmented=args.augmented, passes=args.aug_passes, kind=kind)
     ev.save_result(res)
     cfg = ev.cfg
+    if not args.json and res["protocol"] != "knn-grid" and not ev.own_protocol(res):
+        print("note: not the run's own protocol (its dataset, backbone features, standard settings): stored as "
+              "another evaluation, which `contrastkit report` lists with its settings", file=sys.stderr)
     where = f"({cfg.data.name} {res['query_split']}, bank {res['bank_split']}, {kind} features)"
     if args.json:
         print(json.dumps(res))

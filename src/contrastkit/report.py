@@ -5,8 +5,10 @@ For every run directory (written by :func:`contrastkit.training.train`) it reads
 * ``RUN_DIR/config.yaml``: method, plug-ins, loss, backbone, dataset, batch size, epochs;
 * ``RUN_DIR/results.json``: kNN top-1, linear top-1 (``eval.linear=true``), time per epoch, images/s, peak memory.
   A linear-probe result of ``contrastkit eval linear RUN_DIR/checkpoints/last.ckpt`` is used when ``results.json``
-  has none (it is stored in ``last.ckpt.features/results-linear.json`` and only counts while ``last.ckpt`` is
-  unchanged). A run without ``results.json`` (still running, interrupted or failed) is marked *incomplete*: its
+  has none, if it is on the run's own protocol (its dataset and splits, backbone features, ``eval.linear_epochs``
+  epochs, no augmentation; see :meth:`~contrastkit.evaluation.offline.CheckpointEvaluator.own_protocol`) and
+  ``last.ckpt`` is unchanged since; other saved evaluations (a transfer probe on another dataset, a 2-epoch probe)
+  are listed below the table with their settings, never as the run's linear top-1. A run without ``results.json`` (still running, interrupted or failed) is marked *incomplete*: its
   curves are drawn, its final numbers are ``-``;
 * ``RUN_DIR/logs/csv/metrics.csv`` (Lightning's CSV log): the training curves ``train/loss``, ``knn/top1`` and
   ``train/lr``, plotted for all runs on shared axes against the epoch (fractional for per-step values:
@@ -53,6 +55,8 @@ class RunSummary:
         curves: CSV column -> list of ``(epoch, value)`` points, sorted by epoch.
         linear_top1: linear-probe top-1 from ``results.json`` or a saved ``eval linear`` result (``None``: none).
         linear_source: ``"results.json"``, ``"eval"`` or ``None``.
+        other_evaluations: saved ``contrastkit eval linear`` records that are not on the run's own protocol (another
+            dataset, other probe settings, projector features): listed with their settings, never in the table.
     """
 
     path: Path
@@ -62,6 +66,7 @@ class RunSummary:
     curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     linear_top1: float | None = None
     linear_source: str | None = None
+    other_evaluations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -149,13 +154,31 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunSummary:
     run = RunSummary(p, name or p.name, config, results, read_metrics_csv(p / "logs" / "csv" / "metrics.csv"))
     if results is not None and isinstance(results.get("linear_top1"), (int, float)):
         run.linear_top1, run.linear_source = float(results["linear_top1"]), "results.json"
-    else:
-        from contrastkit.evaluation.offline import load_saved_result
+    from contrastkit.evaluation.offline import saved_results
 
-        saved = load_saved_result(p / "checkpoints" / "last.ckpt", "linear")
-        if saved is not None and isinstance(saved.get("top1"), (int, float)):
+    for saved in saved_results(p / "checkpoints" / "last.ckpt", "linear"):
+        if not isinstance(saved.get("top1"), (int, float)):
+            continue
+        if not saved.get("own_protocol"):
+            run.other_evaluations.append(saved)
+        elif run.linear_top1 is None:
             run.linear_top1, run.linear_source = float(saved["top1"]), "eval"
     return run
+
+
+def describe_evaluation(record: dict[str, Any]) -> str:
+    """One evaluation record in words with its settings, e.g. ``linear top-1 41.20 on cifar10 test (bank train),
+    2 epochs, backbone features``."""
+    words = [f"{record.get('protocol', '?')} top-1 {_fmt(record.get('top1'))} on {record.get('dataset', '?')} "
+             f"{record.get('query_split', '?')} (bank {record.get('bank_split', '?')})"]
+    if record.get("epochs") is not None:
+        words.append(f"{record['epochs']} epochs")
+    if record.get("augmented"):
+        words.append(f"{record['augmented'].get('passes', '?')} augmented passes")
+    if record.get("k") is not None:
+        words.append(f"k={record['k']}, T={record.get('temperature')}, {record.get('metric', 'cosine')}")
+    words.append(f"{record.get('features', '?')} features")
+    return ", ".join(words)
 
 
 def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
@@ -293,11 +316,18 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path = "report") -> 
         "",
         "kNN top-1: the final kNN monitor (weighted kNN on `data.monitor_query_split`, bank "
         "`data.monitor_bank_split`, `train.knn_k`, `train.knn_temperature`). Linear top-1: `eval.linear=true` "
-        "at the end of training, or `(eval)`: a later `contrastkit eval linear` of `checkpoints/last.ckpt`. "
+        "at the end of training, or `(eval)`: a later `contrastkit eval linear` of `checkpoints/last.ckpt` on the "
+        "run's own protocol (its dataset and monitor splits, backbone features, `eval.linear_epochs` epochs, no "
+        "augmentation). "
         "Time / epoch and images/s: training only (monitors excluded). Peak memory: CUDA max allocated on a GPU, "
         "the process's peak RSS on the CPU.",
         "",
     ]
+    others = [(r, rec) for r in runs for rec in r.other_evaluations]
+    if others:
+        lines += ["**Other evaluations** (not on the run's own protocol, so not in the table):", ""]
+        lines += [f"- `{r.name}`: {describe_evaluation(rec)}" for r, rec in others]
+        lines.append("")
     incomplete = [r for r in runs if not r.complete]
     if incomplete:
         lines += ["**Incomplete runs** (no `results.json`: still running, interrupted or failed): "
