@@ -341,6 +341,50 @@ def test_plot_embedding_and_neighbours(ckpt, tmp_path, capsys):
         assert not (tmp_path / "u.png").exists()
 
 
+def test_plot_writes_the_format_of_its_extension(ckpt, tmp_path, capsys, monkeypatch):
+    jpg = tmp_path / "nb.jpg"
+    assert main(["plot", "neighbours", str(ckpt), "--out", str(jpg), "--queries", "2", "--k", "2",
+                 "--device", "cpu"]) == 0
+    assert jpg.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes under a .jpg name
+    svg = tmp_path / "nb.svg"
+    assert main(["plot", "neighbours", str(ckpt), "--out", str(svg), "--queries", "2", "--k", "2",
+                 "--device", "cpu"]) == 0
+    assert b"<svg" in svg.read_bytes()[:1000]
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation started before --out was checked")
+
+    monkeypatch.setattr(offline_mod.CheckpointEvaluator, "__init__", no_work)
+    assert main(["plot", "embedding", str(ckpt), "--out", str(tmp_path / "e.xyz")]) == 2
+    err = _one_line_error(capsys)
+    assert "e.xyz" in err and ".png" in err and ".jpg" in err
+    assert not (tmp_path / "e.xyz").exists()
+
+
+def test_unwritable_out_is_refused_before_any_work(runs, ckpt, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation started before --out was checked")
+
+    monkeypatch.setattr(offline_mod.CheckpointEvaluator, "__init__", no_work)
+    for args in (["export", str(ckpt), "--out", f"{blocker}/b.pt"],
+                 ["embed", str(ckpt), "synthetic", "--out", f"{blocker}/f.npy"],
+                 ["plot", "embedding", str(ckpt), "--out", f"{blocker}/e.png"],
+                 ["plot", "neighbours", str(ckpt), "--out", f"{blocker}/n.png"],
+                 ["report", str(runs["simclr"]), "--out", f"{blocker}/report"]):
+        assert main(args) == 2, args
+        err = _one_line_error(capsys)
+        assert f"{blocker}/" in err and "cannot write" in err, err
+
+
+def test_embed_error_names_its_own_flag(ckpt, capsys):
+    assert main(["embed", str(ckpt), "imagefolder", "--device", "cpu"]) == 2
+    err = _one_line_error(capsys)
+    assert "--root" in err and "data.root" not in err, err
+
+
 def test_neighbour_grid_marks_wrong_classes(ckpt, tmp_path):
     from contrastkit.evaluation.plots import plot_neighbours
 

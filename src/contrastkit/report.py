@@ -8,8 +8,8 @@ For every run directory (written by :func:`contrastkit.training.train`) it reads
   has none, if it is on the run's own protocol (its dataset and splits, backbone features, ``eval.linear_epochs``
   epochs, no augmentation; see :meth:`~contrastkit.evaluation.offline.CheckpointEvaluator.own_protocol`) and
   ``last.ckpt`` is unchanged since; other saved evaluations (a transfer probe on another dataset, a 2-epoch probe)
-  are listed below the table with their settings, never as the run's linear top-1. A run without ``results.json`` (still running, interrupted or failed) is marked *incomplete*: its
-  curves are drawn, its final numbers are ``-``;
+  are listed below the table with their settings, never as the run's linear top-1. A run without ``results.json``
+  (still running, interrupted or failed) is marked *incomplete*: its curves are drawn, its final numbers are ``-``;
 * ``RUN_DIR/logs/csv/metrics.csv`` (Lightning's CSV log): the training curves ``train/loss``, ``knn/top1`` and
   ``train/lr``, plotted for all runs on shared axes against the epoch (fractional for per-step values:
   ``(step + 1) / steps_per_epoch``; kNN values at the end of their epoch).
@@ -31,8 +31,9 @@ from typing import Any
 
 import yaml
 
+from contrastkit.config import yaml_error
 from contrastkit.errors import ContrastkitError
-from contrastkit.io import write_text_atomic
+from contrastkit.io import writable_folder, write_text_atomic
 
 #: The curves of the report: CSV column -> (file stem, title, y label).
 CURVES: dict[str, tuple[str, str, str]] = {
@@ -123,9 +124,10 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ContrastkitError(f"cannot read {str(path)!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                               ) from None
+    except yaml.YAMLError as e:
+        raise ContrastkitError(f"{str(path)!r} is not valid YAML: {yaml_error(e)}") from None
+    except OSError as e:
+        raise ContrastkitError(f"cannot read {str(path)!r}: {e.strerror or type(e).__name__}") from None
     if not isinstance(data, dict):
         raise ContrastkitError(f"{str(path)!r} is not a contrastkit config (not a mapping)")
     return data
@@ -295,11 +297,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path = "report") -> 
         raise ContrastkitError("give at least one run directory")
     paths = [Path(p) for p in run_dirs]
     runs = [load_run(p, n) for p, n in zip(paths, _unique_names(paths))]
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ContrastkitError(f"cannot create the report folder {str(out)!r} ({e.strerror})") from None
+    out = writable_folder(out_dir, "report folder")
 
     lines = [
         "# contrastkit run comparison",
