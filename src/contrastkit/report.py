@@ -277,7 +277,7 @@ def plot_curves(runs: list[RunSummary], column: str, out: Path) -> Path | None:
         label = run.name + ("" if run.complete else " (incomplete)")
         marker = "o" if not column.startswith("train/") or len(points) < 30 else None
         ax.plot(xs, ys, label=label, marker=marker, markersize=3, linewidth=1.4)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epochs trained")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
