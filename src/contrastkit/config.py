@@ -229,9 +229,6 @@ class Config:
             raise ConfigError(f"{which}=true needs labelled splits, but data.monitor_bank_split/monitor_query_split "
                               f"is null; set them (e.g. train and test) or set {which}=false")
         _check(self.model.stem_stride in (1, 2), "model.stem_stride", self.model.stem_stride, "1 or 2")
-        _check(self.train.log_every_n_steps >= 1, "train.log_every_n_steps", self.train.log_every_n_steps, ">= 1")
-        _check(self.eval.batch_size >= 1, "eval.batch_size", self.eval.batch_size, ">= 1")
-        _check(self.eval.linear_epochs >= 1, "eval.linear_epochs", self.eval.linear_epochs, ">= 1")
         return self
 
 
