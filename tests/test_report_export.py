@@ -305,7 +305,10 @@ def test_eval_knn_grid_and_linear_cli(ckpt, capsys):
     assert (cache / "synthetic-train_minus_val-backbone-aug0.pt").is_file()
     assert (cache / "synthetic-train_minus_val-backbone-aug1.pt").is_file()
     assert not (cache / "synthetic-train_minus_val-backbone-aug2.pt").exists()
-    assert json.loads((cache / "results-linear.json").read_text())["top1"] == lin["top1"]
+    # an augmented 2-epoch probe is not the run's own protocol: stored apart from results-linear.json
+    assert not (cache / "results-linear.json").exists()
+    (saved,) = cache.glob("results-linear-*.json")
+    assert json.loads(saved.read_text())["top1"] == lin["top1"]
 
 
 def test_augmented_passes_are_seeded_and_distinct(ckpt):
@@ -338,6 +341,50 @@ def test_plot_embedding_and_neighbours(ckpt, tmp_path, capsys):
         assert main(["plot", "embedding", str(ckpt), "--method", "umap", "--out", str(tmp_path / "u.png")]) == 2
         assert "umap-learn" in _one_line_error(capsys)
         assert not (tmp_path / "u.png").exists()
+
+
+def test_plot_writes_the_format_of_its_extension(ckpt, tmp_path, capsys, monkeypatch):
+    jpg = tmp_path / "nb.jpg"
+    assert main(["plot", "neighbours", str(ckpt), "--out", str(jpg), "--queries", "2", "--k", "2",
+                 "--device", "cpu"]) == 0
+    assert jpg.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes under a .jpg name
+    svg = tmp_path / "nb.svg"
+    assert main(["plot", "neighbours", str(ckpt), "--out", str(svg), "--queries", "2", "--k", "2",
+                 "--device", "cpu"]) == 0
+    assert b"<svg" in svg.read_bytes()[:1000]
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation started before --out was checked")
+
+    monkeypatch.setattr(offline_mod.CheckpointEvaluator, "__init__", no_work)
+    assert main(["plot", "embedding", str(ckpt), "--out", str(tmp_path / "e.xyz")]) == 2
+    err = _one_line_error(capsys)
+    assert "e.xyz" in err and ".png" in err and ".jpg" in err
+    assert not (tmp_path / "e.xyz").exists()
+
+
+def test_unwritable_out_is_refused_before_any_work(runs, ckpt, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation started before --out was checked")
+
+    monkeypatch.setattr(offline_mod.CheckpointEvaluator, "__init__", no_work)
+    for args in (["export", str(ckpt), "--out", f"{blocker}/b.pt"],
+                 ["embed", str(ckpt), "synthetic", "--out", f"{blocker}/f.npy"],
+                 ["plot", "embedding", str(ckpt), "--out", f"{blocker}/e.png"],
+                 ["plot", "neighbours", str(ckpt), "--out", f"{blocker}/n.png"],
+                 ["report", str(runs["simclr"]), "--out", f"{blocker}/report"]):
+        assert main(args) == 2, args
+        err = _one_line_error(capsys)
+        assert f"{blocker}/" in err and "cannot write" in err, err
+
+
+def test_embed_error_names_its_own_flag(ckpt, capsys):
+    assert main(["embed", str(ckpt), "imagefolder", "--device", "cpu"]) == 2
+    err = _one_line_error(capsys)
+    assert "--root" in err and "data.root" not in err, err
 
 
 def test_neighbour_grid_marks_wrong_classes(ckpt, tmp_path):
@@ -379,6 +426,37 @@ def test_report_compares_two_runs(runs, tmp_path, capsys):
         assert _is_png(out / name), name
         assert f"]({name})" in md
     assert not list(out.glob(".*.tmp"))
+
+
+def test_report_counts_only_the_runs_own_protocol_as_its_linear_top1(runs, tmp_path, capsys):
+    # A 2-epoch transfer probe on another dataset is listed with its settings, never as the run's linear top-1;
+    # the probe on the run's own protocol (its dataset, eval.linear_epochs epochs) is, and is not replaced.
+    from PIL import Image
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["simclr"], run)  # copy2 keeps last.ckpt's mtime
+    ckpt = run / "checkpoints" / "last.ckpt"
+    other = tmp_path / "other"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (other / split / c).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(other / split / c / f"{i}.png")
+    assert main(["eval", "linear", str(ckpt), "--epochs", "100", "--device", "cpu", "--json"]) == 0
+    own = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "linear", str(ckpt), "data.name=imagefolder", f"data.root={other}", "data.image_size=16",
+                 "data.options={}", "--epochs", "2", "--device", "cpu"]) == 0
+    assert "not the run's own protocol" in capsys.readouterr().err
+    md = build_report([run], tmp_path / "r").read_text()
+    assert _table(md)[0][9] == f"{own['top1']:.2f} (eval)"
+    other_lines = [ln for ln in md.splitlines() if ln.startswith("- `run`: linear top-1")]
+    assert len(other_lines) == 1 and "on imagefolder test (bank train), 2 epochs, backbone features" in other_lines[0]
+
+    # Without the own-protocol probe, the table has no linear top-1 at all.
+    (ckpt.with_name(ckpt.name + ".features") / "results-linear.json").unlink()
+    md = build_report([run], tmp_path / "r").read_text()
+    assert _table(md)[0][9] == "-" and "Other evaluations" in md
 
 
 def test_report_marks_incomplete_runs_and_refuses_non_runs(runs, tmp_path, capsys):

@@ -181,6 +181,7 @@ class OnlineLinearProbe(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._seen:
-            self.history.append({"epoch": trainer.current_epoch + 1, "step": trainer.global_step,
+            # 0-based epoch and step indices, as in the metrics.csv row of the same value
+            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step - 1,
                                  "online_linear_top1": 100.0 * float(self._hits) / self._seen,
                                  "online_linear_loss": float(self._loss_sum) / self._seen})

@@ -64,6 +64,9 @@ def index_loader(n: int, batch_size: int, seed: int, num_replicas: int, rank: in
 def build_view_policies(cfg: Config, image_size: int) -> list[ViewPolicy]:
     """The per-view augmentation policies of the run: the preset, then common and per-view overrides."""
     crop = cfg.views.crop_size or image_size
+    if crop > image_size:
+        raise ConfigError(f"views.crop_size={crop} is larger than the dataset's {image_size} px images; use at most "
+                          f"{image_size} (null = {image_size}), or decode larger images (data.image_size)")
     policies = policy_preset(cfg.views.preset, crop, cfg.views.num_views)
     if cfg.views.overrides and len(cfg.views.overrides) != cfg.views.num_views:
         raise ConfigError(

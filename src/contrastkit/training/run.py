@@ -30,11 +30,20 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from contrastkit.config import Config, TrainConfig, apply_overrides, config_from_dict, resume_changes, to_yaml
+from contrastkit.config import (
+    Config,
+    TrainConfig,
+    apply_overrides,
+    check_devices,
+    config_from_dict,
+    resume_changes,
+    to_yaml,
+)
 from contrastkit.data import ImageTensors, load_dataset
 from contrastkit.errors import ConfigError, DataError, RunInterrupted
 from contrastkit.io import write_json_atomic, write_text_atomic
@@ -44,9 +53,11 @@ from contrastkit.training.callbacks import (
     KNNMonitor,
     ResumableCSVLogger,
     ResumeHistory,
+    StderrProgressBar,
     TrainClock,
 )
 from contrastkit.training.module import SSLModule, index_loader, steps_per_epoch
+from contrastkit.training.quiet import quiet_lightning
 
 
 @dataclass
@@ -116,7 +127,8 @@ def build_trainer(cfg: Config, callbacks: list[L.Callback], run_dir: Path, check
         ))
         cbs.append(DivergenceGuard(cfg))
     if cfg.train.progress_bar:
-        cbs.append(TQDMProgressBar(refresh_rate=10))
+        cbs.append(StderrProgressBar(refresh_rate=10))
+    quiet_lightning()
     try:
         return L.Trainer(
             accelerator=cfg.train.accelerator,
@@ -145,7 +157,7 @@ def build_trainer(cfg: Config, callbacks: list[L.Callback], run_dir: Path, check
             deterministic=False,
             default_root_dir=str(run_dir),
         )
-    except (ValueError, RuntimeError, TypeError) as e:  # Lightning's message names the bad setting
+    except (ValueError, RuntimeError, TypeError, MisconfigurationException) as e:  # Lightning's message names it
         raise ConfigError(f"invalid trainer setting: {str(e).splitlines()[0]}") from None
 
 
@@ -276,6 +288,7 @@ def train(cfg: Config, callbacks: list[L.Callback] | None = None) -> TrainResult
     from contrastkit.checkpoint import load_checkpoint_file
 
     cfg.validate()
+    check_devices(cfg)
     run_dir = Path(cfg.train.run_dir)
     resume = resolve_resume(cfg)
     saved_hp: dict[str, Any] | None = None
@@ -314,12 +327,13 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
     if len(data) == 0:
         raise DataError(f"dataset {cfg.data.name} split {cfg.data.train_split!r} is empty; check data.root")
     mean, std = data.channel_stats()
-    monitor_sets = load_monitor_sets(cfg) if cfg.train.knn_every_n_epochs > 0 or cfg.eval.knn else None
+    needs_labels = cfg.train.knn_every_n_epochs > 0 or cfg.eval.knn or cfg.eval.linear or cfg.eval.baselines
+    monitor_sets = load_monitor_sets(cfg) if needs_labels else None
 
     clock = TrainClock()
     extra: list[L.Callback] = [clock, history, *(callbacks or [])]
     knn_cb = None
-    if monitor_sets is not None:
+    if monitor_sets is not None and (cfg.train.knn_every_n_epochs > 0 or cfg.eval.knn):
         bank, query = monitor_sets
         num_classes = int(max(bank.labels.max(), query.labels.max())) + 1  # type: ignore[union-attr]
         knn_cb = KNNMonitor(bank, query, mean, std, num_classes, k=cfg.train.knn_k,
@@ -372,7 +386,9 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
     metrics: dict[str, Any] = {
         "method": cfg.method.name, "loss": cfg.method.loss, "backbone": cfg.model.backbone,
         "dataset": cfg.data.name, "epochs": cfg.train.epochs, "batch_size": cfg.optim.batch_size,
-        "world_size": world, "steps": trainer.global_step, "fit_wall_seconds": wall,
+        "world_size": world, "steps": trainer.global_step, "steps_per_epoch": spe,
+        "epochs_completed": trainer.global_step // spe,  # stops early under train.max_steps
+        "fit_wall_seconds": wall,
         "peak_memory_mb": _peak_memory_mb(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
     }
@@ -384,6 +400,7 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
     if knn_cb is not None:
         metrics["splits"] = evaluation_splits(cfg)
         metrics["knn_history"] = knn_cb.history
+        metrics["knn_k"] = knn_cb.k  # train.knn_k, at most the bank size
         if knn_cb.history:
             role = split_role(cfg, cfg.data.monitor_query_split)
             metrics["knn_top1"] = metrics[f"knn_top1_{role}"] = knn_cb.history[-1]["knn_top1"]
