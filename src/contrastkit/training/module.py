@@ -25,7 +25,7 @@ from contrastkit.augment.views import ViewPolicy
 from contrastkit.config import Config, config_from_dict, scaled_lr
 from contrastkit.errors import ConfigError, ContrastkitError
 from contrastkit.methods import SSLMethod, build_method
-from contrastkit.models import build_backbone
+from contrastkit.models import backbone_args, build_backbone
 from contrastkit.training.callbacks import divergence_error
 from contrastkit.training.optim import build_optimizer, warmup_cosine
 
@@ -108,10 +108,7 @@ class SSLModule(L.LightningModule):
         self.save_hyperparameters()
         self.cfg: Config = config_from_dict(config)
         cfg = self.cfg
-        backbone, dim = build_backbone(
-            cfg.model.backbone, in_channels, cfg.model.cifar_stem, cfg.model.widths, cfg.model.blocks,
-            stem_stride=cfg.model.stem_stride,
-        )
+        backbone, dim = build_backbone(cfg.model.backbone, **backbone_args(cfg.model.backbone, cfg.model, in_channels))
         if cfg.model.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.method: SSLMethod = build_method(backbone, dim, cfg.method)

@@ -418,7 +418,7 @@ def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: lis
     ``features``: the trained backbone's ``(bank, query)`` features if already extracted (by the kNN monitor at
     the final step); otherwise they are extracted here."""
     from contrastkit.evaluation import extract_features, knn_evaluate, linear_probe
-    from contrastkit.models import build_backbone
+    from contrastkit.models import backbone_args, build_backbone
 
     device = module.device
     size = eval_size(cfg, int(module.hparams["image_size"]))
@@ -429,8 +429,7 @@ def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: lis
     out: dict[str, Any] = {}
     if cfg.eval.baselines:
         torch.manual_seed(cfg.train.seed)
-        rand, _ = build_backbone(cfg.model.backbone, bank.channels, cfg.model.cifar_stem, cfg.model.widths,
-                                 cfg.model.blocks, stem_stride=cfg.model.stem_stride)
+        rand, _ = build_backbone(cfg.model.backbone, **backbone_args(cfg.model.backbone, cfg.model, bank.channels))
         rand = rand.to(device)
         fb = extract_features(rand, bank.images, mean, std, cfg.eval.batch_size, device, size)
         fq = extract_features(rand, query.images, mean, std, cfg.eval.batch_size, device, size)
