@@ -126,3 +126,40 @@ def test_ddp_two_cpu_processes(tiny_overrides, tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     # 512 images / 2 ranks / batch 64 = 4 steps per epoch
     assert ckpt["global_step"] == 4
+
+
+class _CaptureModule(L.Callback):
+    def on_train_end(self, trainer, pl_module):
+        self.module = pl_module
+
+
+def test_compile_runs_the_backbone_compiled_and_keeps_plain_names(tiny_overrides):
+    # train.compile=true: the training step's backbone is torch.compile's wrapper; the loss and gradients match the
+    # eager backbone's; checkpoints keep plain parameter names, so export and load_backbone work unchanged.
+    from contrastkit.export import export_backbone, load_backbone
+
+    cap = _CaptureModule()
+    cfg = load_config(None, tiny_overrides + ["train.compile=true", "train.epochs=1", "train.max_steps=3",
+                                              "train.knn_every_n_epochs=0", "eval.knn=false"])
+    res = train(cfg, callbacks=[cap])
+    module = cap.module
+    compiled = module._compiled.get("backbone")
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is module.backbone
+    assert module.method.backbone is module.backbone and not isinstance(module.backbone, type(compiled))
+    keys = list(_weights(res.last_checkpoint))
+    assert keys and not [k for k in keys if "_orig_mod" in k or "_compiled" in k]
+    assert [k for k in keys if k.startswith("method.backbone.")]
+
+    views = [torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)]
+    grads = {}
+    for on in (True, False):
+        module.cfg.train.compile = on
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(0)
+        module.training_loss(views)["loss"].backward()
+        grads[on] = [p.grad.clone() for p in module.backbone.parameters()]
+    for a, b in zip(grads[True], grads[False]):  # float32 summation order differs between the kernels
+        assert (a - b).norm() <= 1e-4 * b.norm() + 1e-7
+
+    out, _ = export_backbone(res.last_checkpoint, res.run_dir / "backbone.pt")
+    assert load_backbone(out) is not None
