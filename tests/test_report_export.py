@@ -25,7 +25,7 @@ from contrastkit.evaluation import CheckpointEvaluator, extract_features, knn_ev
 from contrastkit.evaluation import offline as offline_mod
 from contrastkit.export import export_backbone, load_backbone, read_backbone_info, sidecar_path
 from contrastkit.methods import METHODS
-from contrastkit.report import build_report, plugins_of, read_metrics_csv
+from contrastkit.report import build_report, read_metrics_csv
 from contrastkit.training.module import SSLModule
 from contrastkit.training.run import train
 
@@ -426,13 +426,12 @@ def test_report_compares_two_runs(runs, tmp_path, capsys):
     rows = _table(md)
     assert [r[0] for r in rows] == ["run_a", "run_b"]
     assert [r[1] for r in rows] == ["simclr", SECOND_METHOD]
-    assert [r[2] for r in rows] == ["-", "-"]  # no plug-ins
-    assert rows[0][3] == "dcl" and rows[1][3] == ("barlow twins" if SECOND_METHOD == "barlow" else "infonce")
+    assert rows[0][2] == "dcl" and rows[1][2] == ("barlow twins" if SECOND_METHOD == "barlow" else "infonce")
     for row, key in zip(rows, ("simclr", "second")):
         res = json.loads((runs[key] / "results.json").read_text())
-        assert row[6] == "64" and row[7] == "2"
-        assert row[8] == f"{res['knn_top1']:.2f}"
-        assert row[11] == f"{res['images_per_sec']:.0f}"
+        assert row[5] == "64" and row[6] == "2"
+        assert row[7] == f"{res['knn_top1']:.2f}"
+        assert row[10] == f"{res['images_per_sec']:.0f}"
     for name in ("loss.png", "knn_top1.png", "lr.png"):
         assert _is_png(out / name), name
         assert f"]({name})" in md
@@ -445,7 +444,7 @@ def test_report_marks_incomplete_runs_and_refuses_non_runs(runs, tmp_path, capsy
     (running / "results.json").unlink()
     md = build_report([runs["simclr"], running], tmp_path / "r").read_text()
     rows = _table(md)
-    assert len(rows) == 2 and "incomplete" in rows[1][7] and rows[1][8] == "-"
+    assert len(rows) == 2 and "incomplete" in rows[1][6] and rows[1][7] == "-"
     assert "Incomplete runs" in md
 
     (tmp_path / "empty").mkdir()
@@ -461,12 +460,6 @@ def test_metrics_csv_epochs(tmp_path):
     curves = read_metrics_csv(csv)
     assert curves["train/loss"] == [(0.5, 5.0), (1.0, 4.0), (1.5, 3.0), (2.0, 2.0)]
     assert curves["knn/top1"] == [(1.0, 50.0), (2.0, 60.0)]
-
-
-def test_plugins_column():
-    assert plugins_of({"method": {"name": "simclr"}}) == "-"
-    assert plugins_of({"plugins": ["ascl", {"name": "fusion", "alpha": 0.5}]}) == "ascl, fusion"
-    assert plugins_of({"method": {"plugins": {"ascl": {}, "curation": False}}}) == "ascl"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 For every run directory (written by :func:`contrastkit.training.train`) it reads
 
-* ``RUN_DIR/config.yaml``: method, plug-ins, loss, backbone, dataset, batch size, epochs;
+* ``RUN_DIR/config.yaml``: method, loss, backbone, dataset, batch size, epochs;
 * ``RUN_DIR/results.json``: kNN top-1, linear top-1 (``eval.linear=true``), time per epoch, images/s, peak memory.
   A linear-probe result of ``contrastkit eval linear RUN_DIR/checkpoints/last.ckpt`` is used when ``results.json``
   has none (it is stored in ``last.ckpt.features/results-linear.json`` and only counts while ``last.ckpt`` is
@@ -163,21 +163,6 @@ def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return sec if isinstance(sec, dict) else {}
 
 
-def plugins_of(cfg: dict[str, Any]) -> str:
-    """The plug-ins of a config (a top-level ``plugins`` section or ``method.plugins``), or ``-``."""
-    raw = cfg.get("plugins", _section(cfg, "method").get("plugins"))
-    if not raw:
-        return "-"
-    if isinstance(raw, dict):
-        names = [str(k) for k, v in raw.items() if v not in (False, None) and not (isinstance(v, dict) and
-                                                                                  v.get("enabled") is False)]
-    elif isinstance(raw, (list, tuple)):
-        names = [str(x.get("name", x)) if isinstance(x, dict) else str(x) for x in raw]
-    else:
-        names = [str(raw)]
-    return ", ".join(names) if names else "-"
-
-
 def _fmt(v: Any, spec: str = ".2f", unit: str = "") -> str:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return "-"
@@ -212,14 +197,14 @@ def table_row(run: RunSummary) -> list[str]:
     if run.linear_source == "eval":
         linear += " (eval)"
     return [
-        run.name, name, plugins_of(cfg), loss, str(_section(cfg, "model").get("backbone", "-")),
+        run.name, name, loss, str(_section(cfg, "model").get("backbone", "-")),
         str(_section(cfg, "data").get("name", "-")), batch_s, epochs_s, _fmt(res.get("knn_top1")), linear,
         _duration(res.get("seconds_per_epoch")), _fmt(res.get("images_per_sec"), ".0f"),
         _fmt(res.get("peak_memory_mb"), ".0f", " MB"),
     ]
 
 
-TABLE_HEADER = ["run", "method", "plug-ins", "loss", "backbone", "dataset", "batch size", "epochs", "kNN top-1",
+TABLE_HEADER = ["run", "method", "loss", "backbone", "dataset", "batch size", "epochs", "kNN top-1",
                 "linear top-1", "time / epoch", "images/s", "peak memory"]
 
 

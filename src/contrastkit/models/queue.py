@@ -187,12 +187,6 @@ class MemoryQueue(nn.Module):
         self.ptr.fill_(self._ptr)
         self.filled.fill_(self._filled)
 
-    def reset(self) -> None:
-        """Empty the queue (the storage is kept but no longer returned)."""
-        self._ptr = self._filled = 0
-        self.ptr.zero_()
-        self.filled.zero_()
-
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
