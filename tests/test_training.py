@@ -57,6 +57,26 @@ def test_final_linear_probe_reuses_the_monitor_features(tiny_overrides, monkeypa
     assert fresh["linear_top1"] == res.metrics["linear_top1"]
 
 
+def test_final_linear_probe_trains_on_the_whole_bank_split(tiny_overrides, monkeypatch):
+    # data.monitor_bank_size shrinks the kNN monitor's bank only; the linear probe trains on the whole labelled
+    # bank split, and results.json says which split and how many images it used.
+    import contrastkit.evaluation as ev
+
+    sizes = []
+    real = ev.linear_probe
+    monkeypatch.setattr(ev, "linear_probe", lambda fb, yb, *a, **k: sizes.append((len(fb), len(yb))) or
+                        real(fb, yb, *a, **k))
+    cfg = load_config(None, tiny_overrides + ["eval.linear=true", "eval.linear_epochs=2", "train.epochs=1",
+                                              "data.monitor_bank_size=100", "eval.baselines=true"])
+    res = train(cfg)
+    n = len(load_monitor_sets(cfg)[0])
+    assert n == 512 and sizes == [(n, n)]
+    saved = json.loads((res.run_dir / "results.json").read_text())
+    assert saved["linear"]["train_size"] == n and saved["linear"]["train_split"] == "train"
+    assert saved["knn_bank_size"] == 100
+    assert saved["linear_top1"] == res.metrics["linear_top1"]
+
+
 class _StopAfterFirstEpoch(L.Callback):
     """Simulates an interruption at the end of epoch 1 (after its checkpoint is written)."""
 

@@ -80,7 +80,8 @@ def load_split(cfg: Config, split: str) -> ImageTensors:
 
 
 def load_monitor_sets(cfg: Config) -> tuple[ImageTensors, ImageTensors] | None:
-    """The labelled bank/query sets of the kNN monitor, or None when off."""
+    """The whole labelled bank and query splits (``data.monitor_bank_split``, ``data.monitor_query_split``), or
+    None when off. The kNN monitor's bank is :func:`monitor_bank` of the first."""
     if not cfg.data.monitor_bank_split or not cfg.data.monitor_query_split:
         return None
     bank = load_split(cfg, cfg.data.monitor_bank_split)
@@ -91,10 +92,17 @@ def load_monitor_sets(cfg: Config) -> tuple[ImageTensors, ImageTensors] | None:
             f"{cfg.data.monitor_bank_split if bank.labels is None else cfg.data.monitor_query_split!r} has no "
             "labels; set data.monitor_bank_split/monitor_query_split to labelled splits or null"
         )
+    return bank, query
+
+
+def monitor_bank(cfg: Config, bank: ImageTensors) -> ImageTensors:
+    """The kNN bank: a fixed random subset of ``data.monitor_bank_size`` images of ``bank`` (seeded with
+    ``train.seed``) when that is set and smaller, else the whole ``bank``. Only the kNN monitor and the kNN
+    baselines use the subset; the linear probe trains on the whole split."""
     if cfg.data.monitor_bank_size and cfg.data.monitor_bank_size < len(bank):
         g = torch.Generator().manual_seed(cfg.train.seed)
-        bank = bank.subset(torch.randperm(len(bank), generator=g)[: cfg.data.monitor_bank_size])
-    return bank, query
+        return bank.subset(torch.randperm(len(bank), generator=g)[: cfg.data.monitor_bank_size])
+    return bank
 
 
 def _precision(p: str) -> str:
@@ -322,7 +330,7 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
     if monitor_sets is not None:
         bank, query = monitor_sets
         num_classes = int(max(bank.labels.max(), query.labels.max())) + 1  # type: ignore[union-attr]
-        knn_cb = KNNMonitor(bank, query, mean, std, num_classes, k=cfg.train.knn_k,
+        knn_cb = KNNMonitor(monitor_bank(cfg, bank), query, mean, std, num_classes, k=cfg.train.knn_k,
                             temperature=cfg.train.knn_temperature,
                             every_n_epochs=cfg.train.knn_every_n_epochs if cfg.train.knn_every_n_epochs > 0
                             else 10**9, batch_size=cfg.eval.batch_size,
@@ -383,6 +391,7 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
     metrics["seconds_per_epoch"] = clock.train_seconds / max(1, trainer.current_epoch)
     if knn_cb is not None:
         metrics["knn_history"] = knn_cb.history
+        metrics["knn_bank_size"] = len(knn_cb.bank)
         if knn_cb.history:
             metrics["knn_top1"] = knn_cb.history[-1]["knn_top1"]
             metrics["knn_top5"] = knn_cb.history[-1]["knn_top5"]
@@ -411,12 +420,16 @@ def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: lis
                      ) -> dict[str, Any]:
     """Baselines and the linear probe, on the monitor's labelled splits.
 
+    ``bank`` is the whole labelled bank split: the linear probe trains on all of it (``linear.train_split`` and
+    ``linear.train_size`` in the result say so); the kNN baselines use the kNN monitor's bank, :func:`monitor_bank`.
+
     Baselines (``eval.baselines``): the same kNN on the random-init backbone, on raw pixels normalised per channel
     like the network's input (``raw_pixels_knn``), and on raw pixels in [0, 1] (``raw_pixels_unnormalised_knn``;
     cosine similarity of non-negative vectors, the weaker of the two, and the usual "raw pixels" row elsewhere).
 
     ``features``: the trained backbone's ``(bank, query)`` features if already extracted (by the kNN monitor at
-    the final step); otherwise they are extracted here."""
+    the final step); otherwise they are extracted here (the bank's also when ``features`` holds those of a smaller
+    kNN bank)."""
     from contrastkit.evaluation import extract_features, knn_evaluate, linear_probe
     from contrastkit.models import backbone_args, build_backbone
 
@@ -425,32 +438,39 @@ def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: lis
     assert bank.labels is not None and query.labels is not None
     yb, yq = bank.labels.to(device), query.labels.to(device)
     num_classes = int(max(yb.max(), yq.max())) + 1
-    k, t = min(cfg.train.knn_k, len(bank)), cfg.train.knn_temperature
+    knn_bank = monitor_bank(cfg, bank)
+    yk = knn_bank.labels.to(device)  # type: ignore[union-attr]
+    k, t = min(cfg.train.knn_k, len(knn_bank)), cfg.train.knn_temperature
     out: dict[str, Any] = {}
     if cfg.eval.baselines:
         torch.manual_seed(cfg.train.seed)
-        rand, _ = build_backbone(cfg.model.backbone, **backbone_args(cfg.model.backbone, cfg.model, bank.channels))
+        name = cfg.model.backbone
+        rand, _ = build_backbone(name, **backbone_args(name, cfg.model, knn_bank.channels))
         rand = rand.to(device)
-        fb = extract_features(rand, bank.images, mean, std, cfg.eval.batch_size, device, size)
+        fb = extract_features(rand, knn_bank.images, mean, std, cfg.eval.batch_size, device, size)
         fq = extract_features(rand, query.images, mean, std, cfg.eval.batch_size, device, size)
-        out["random_init_knn"] = knn_evaluate(fb, yb, fq, yq, num_classes, k=k, temperature=t)
+        out["random_init_knn"] = knn_evaluate(fb, yk, fq, yq, num_classes, k=k, temperature=t)
         pix = torch.nn.Flatten()
-        fb = extract_features(pix, bank.images, mean, std, cfg.eval.batch_size, device)
+        fb = extract_features(pix, knn_bank.images, mean, std, cfg.eval.batch_size, device)
         fq = extract_features(pix, query.images, mean, std, cfg.eval.batch_size, device)
-        out["raw_pixels_knn"] = knn_evaluate(fb, yb, fq, yq, num_classes, k=k, temperature=t)
-        zero, one = [0.0] * bank.channels, [1.0] * bank.channels  # pixels in [0, 1], not centred
-        fb = extract_features(pix, bank.images, zero, one, cfg.eval.batch_size, device)
+        out["raw_pixels_knn"] = knn_evaluate(fb, yk, fq, yq, num_classes, k=k, temperature=t)
+        zero, one = [0.0] * knn_bank.channels, [1.0] * knn_bank.channels  # pixels in [0, 1], not centred
+        fb = extract_features(pix, knn_bank.images, zero, one, cfg.eval.batch_size, device)
         fq = extract_features(pix, query.images, zero, one, cfg.eval.batch_size, device)
-        out["raw_pixels_unnormalised_knn"] = knn_evaluate(fb, yb, fq, yq, num_classes, k=k, temperature=t)
+        out["raw_pixels_unnormalised_knn"] = knn_evaluate(fb, yk, fq, yq, num_classes, k=k, temperature=t)
     if cfg.eval.linear:
-        if features is not None:
-            fb, fq = features[0].to(device), features[1].to(device)
+        if features is not None and features[0].shape[0] == len(bank):
+            fb = features[0].to(device)
         else:
             fb = extract_features(module.backbone, bank.images, mean, std, cfg.eval.batch_size, device, size)
+        if features is not None:
+            fq = features[1].to(device)
+        else:
             fq = extract_features(module.backbone, query.images, mean, std, cfg.eval.batch_size, device, size)
         res = linear_probe(fb, yb, fq, yq, num_classes, epochs=cfg.eval.linear_epochs, device=device,
                            seed=cfg.train.seed)
-        out["linear"] = res.to_dict()
+        out["linear"] = {**res.to_dict(), "train_split": cfg.data.monitor_bank_split, "train_size": len(bank),
+                         "test_split": cfg.data.monitor_query_split, "test_size": len(query)}
         out["linear_top1"] = res.top1
     return out
 
