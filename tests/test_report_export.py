@@ -53,8 +53,9 @@ SECOND_METHOD = "barlow" if "barlow" in METHODS else "simclr"
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Two short finished runs: SimCLR+DCL and SECOND_METHOD (InfoNCE)."""
     root = tmp_path_factory.mktemp("runs")
-    a = train(load_config(None, _tiny(root / "run_a"))).run_dir
-    b = train(load_config(None, _tiny(root / "run_b", f"method.name={SECOND_METHOD}", "method.loss=infonce"))).run_dir
+    a = train(load_config(None, _tiny(root / "run_a", "method.loss=dcl"))).run_dir
+    second_loss = [] if SECOND_METHOD == "barlow" else ["method.loss=infonce"]  # Barlow Twins has its own loss
+    b = train(load_config(None, _tiny(root / "run_b", f"method.name={SECOND_METHOD}", *second_loss))).run_dir
     return {"simclr": a, "second": b}
 
 

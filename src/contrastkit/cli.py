@@ -36,6 +36,7 @@ def _print_table(rows: list[tuple[str, str]], title: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from contrastkit.config import load_config, to_yaml
+    from contrastkit.methods import loss_name
     from contrastkit.training.run import resume_config, train
 
     overrides = list(args.overrides)
@@ -65,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if m.get("knn_top1") is None:
         print(f"done: {result.run_dir}")
         return 0
-    rows = [(f"{cfg.method.name}+{cfg.method.loss} ({cfg.model.backbone}, {cfg.train.epochs} ep)",
+    rows = [(f"{cfg.method.name}+{loss_name(cfg.method)} ({cfg.model.backbone}, {cfg.train.epochs} ep)",
              f"{m['knn_top1']:.2f}")]
     if "random_init_knn" in m:
         rows.append((f"random-init {cfg.model.backbone}", f"{m['random_init_knn']['top1']:.2f}"))

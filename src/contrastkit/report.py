@@ -39,10 +39,6 @@ CURVES: dict[str, tuple[str, str, str]] = {
     "train/lr": ("lr", "learning rate", "learning rate"),
     "online_linear/acc": ("online_linear", "online linear probe accuracy (train.online_linear)", "top-1 (%)"),
 }
-#: Methods whose loss is fixed by the method (``method.loss`` applies to simclr, moco and nnclr only).
-_OWN_LOSS = {"byol": "byol (cosine)", "barlow": "barlow twins"}
-
-
 @dataclass
 class RunSummary:
     """What the report knows about one run directory.
@@ -183,7 +179,11 @@ def table_row(run: RunSummary) -> list[str]:
     cfg, res = run.config, run.results or {}
     method, optim, train_ = _section(cfg, "method"), _section(cfg, "optim"), _section(cfg, "train")
     name = str(method.get("name", "-"))
-    loss = _OWN_LOSS.get(name, str(method.get("loss", "-")))
+    from contrastkit.config import DEFAULT_LOSS
+    from contrastkit.methods import METHODS
+
+    own = METHODS[name].own_loss if name in METHODS else None
+    loss = own or str(method.get("loss") or DEFAULT_LOSS)  # method.loss applies to simclr, moco and nnclr only
     batch = res.get("batch_size", optim.get("batch_size", "-"))
     world = res.get("world_size", 1)
     batch_s = f"{batch}" if not isinstance(world, int) or world <= 1 else f"{batch} x {world}"

@@ -21,6 +21,7 @@ Contract:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -42,11 +43,17 @@ class ParamGroup:
 class SSLMethod(nn.Module):
     """Base class of the self-supervised methods.
 
+    Class attribute ``own_loss``: the name of the method's own loss (BYOL, Barlow Twins), for which
+    ``method.loss`` must stay unset; ``None`` (default) for methods built around a contrastive loss, which read
+    ``cfg.contrastive_loss`` (``method.loss``, InfoNCE when unset).
+
     Args:
         backbone: maps ``B x C x H x W`` images to ``B x feature_dim`` features.
         feature_dim: the backbone's output width.
         cfg: the method section of the run configuration.
     """
+
+    own_loss: ClassVar[str | None] = None
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         super().__init__()

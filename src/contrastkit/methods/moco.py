@@ -127,7 +127,7 @@ class MoCo(SSLMethod):
         self.add_teacher(backbone=self.backbone, projector=self.projector)
         self.queue = MemoryQueue(cfg.queue_size, cfg.proj_out_dim, gather_distributed=cfg.gather_distributed)
         self.criterion = build_queue_loss(
-            cfg.loss, temperature=cfg.temperature, sigma=cfg.sigma, gather_distributed=cfg.gather_distributed
+            cfg.contrastive_loss, temperature=cfg.temperature, sigma=cfg.sigma, gather_distributed=cfg.gather_distributed
         )
 
     def bn_mode(self) -> str:

@@ -43,7 +43,7 @@ class NNCLR(SSLMethod):
         self.predictor = build_predictor(cfg)
         self.queue = MemoryQueue(cfg.queue_size, cfg.proj_out_dim, gather_distributed=cfg.gather_distributed)
         self.criterion = build_queue_loss(
-            cfg.loss, temperature=cfg.temperature, sigma=cfg.sigma, gather_distributed=cfg.gather_distributed
+            cfg.contrastive_loss, temperature=cfg.temperature, sigma=cfg.sigma, gather_distributed=cfg.gather_distributed
         )
 
     @staticmethod

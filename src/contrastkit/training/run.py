@@ -38,6 +38,7 @@ from contrastkit.config import Config, TrainConfig, apply_overrides, config_from
 from contrastkit.data import ImageTensors, load_dataset
 from contrastkit.errors import ConfigError, DataError, RunInterrupted
 from contrastkit.io import write_json_atomic, write_text_atomic
+from contrastkit.methods import loss_name
 from contrastkit.training.callbacks import (
     AtomicCheckpointIO,
     DivergenceGuard,
@@ -378,7 +379,7 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
     wall = time.perf_counter() - t0
 
     metrics: dict[str, Any] = {
-        "method": cfg.method.name, "loss": cfg.method.loss, "backbone": cfg.model.backbone,
+        "method": cfg.method.name, "loss": loss_name(cfg.method), "backbone": cfg.model.backbone,
         "dataset": cfg.data.name, "epochs": cfg.train.epochs, "batch_size": cfg.optim.batch_size,
         "world_size": world, "steps": trainer.global_step, "fit_wall_seconds": wall,
         "peak_memory_mb": _peak_memory_mb(),
