@@ -258,8 +258,11 @@ def test_moco_batchnorm_modes() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_configuration_errors(name: str) -> None:
     method = _method(name)
-    with pytest.raises(ConfigError, match="2 views"):
+    with pytest.raises(ValueError, match="2 views") as e:  # a caller's mistake: the config cannot cause it
         method.forward_loss(_views() + _views(1)[:1], 0.0)
+    assert not isinstance(e.value, ConfigError)
+    with pytest.raises(ConfigError, match="views.num_views=2"):  # the user's way to ask for it, refused at once
+        load_config(None, [f"method.name={name}", "views.num_views=3"])
     with pytest.raises(ConfigError, match="method.options"):
         _method(name, "method.options={typo: 1}")
     with pytest.raises(ConfigError):

@@ -179,6 +179,9 @@ class Config:
         _check(self.method.loss is None or self.method.loss in LOSSES, "method.loss", self.method.loss,
                "one of " + ", ".join(sorted(LOSSES)) + " or null")
         method = METHODS.get(self.method.name)
+        if method is not None and method.two_views and self.views.num_views != 2:
+            raise ConfigError(f"method {self.method.name} uses exactly 2 views, got views.num_views="
+                              f"{self.views.num_views}; set views.num_views=2")
         if method is not None and method.own_loss and self.method.loss is not None:
             raise ConfigError(f"method.loss={self.method.loss} does not apply to {self.method.name}, which has its own "
                               f"loss ({method.own_loss}); remove method.loss or choose simclr, moco or nnclr")

@@ -73,8 +73,8 @@ def extract_features(
 
     Raises:
         DataError: ``images`` is not a non-empty 4-D uint8 tensor.
-        ConfigError: bad ``mean``/``std``/``batch_size``/``size``/``device``, a model on another device, or a model
-            that does not return a B x D tensor.
+        ConfigError: bad ``mean``/``std``/``batch_size``/``size``/``device``, or a model on another device.
+        ValueError: a model that does not return a B x D tensor (a programming error, raised with its traceback).
     """
     if not isinstance(images, Tensor):
         raise DataError(f"images must be a torch.Tensor (N x C x H x W, uint8), got {type(images).__name__}")
@@ -179,7 +179,7 @@ def _forward_in_batches(model: nn.Module, images: Tensor, dev: torch.device, bat
                 y = model(x)
                 if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0]:
                     got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-                    raise ConfigError(
+                    raise ValueError(  # the model's code, not the user's input, is wrong: keep the traceback
                         f"the model must return a (batch, dim) feature tensor, got {got} for a batch of {x.shape[0]}; "
                         "pass the backbone (ending in global pooling + flatten), not a model returning maps or dicts"
                     )

@@ -102,7 +102,7 @@ class BarlowTwinsLoss(nn.Module):
             Scalar loss (float32, or float64 for float64 inputs), the same on every process under DDP.
         """
         if z1.ndim != 2 or z1.shape != z2.shape:
-            raise ConfigError(
+            raise ValueError(
                 f"z1 and z2 must both have shape (n, D), got {tuple(z1.shape)} and {tuple(z2.shape)}"
             )
         with autocast_disabled(z1.device.type):

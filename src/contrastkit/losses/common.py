@@ -32,9 +32,10 @@ def check_flag(name: str, value: object) -> bool:
 
 
 def check_pair(z1: Tensor, z2: Tensor) -> None:
-    """Raise ConfigError unless ``z1`` and ``z2`` are 2-D tensors of the same shape (two views of N images)."""
+    """Raise ValueError (a caller's mistake, not a user's) unless ``z1`` and ``z2`` are 2-D tensors of the same shape
+    (two views of N images)."""
     if z1.ndim != 2 or z2.ndim != 2 or z1.shape != z2.shape:
-        raise ConfigError(
+        raise ValueError(
             f"z1 and z2 must both have shape (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}; "
             "pass the projections of the two views of the same N images, flattened to 2-D"
         )

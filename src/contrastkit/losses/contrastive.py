@@ -71,12 +71,12 @@ def contrastive_from_logits(
         Per-anchor losses, shape ``(N,)``; reduce them yourself (usually ``.mean()``).
     """
     if pos.ndim != 1 or neg.ndim != 2 or neg.shape[0] != pos.shape[0]:
-        raise ConfigError(
+        raise ValueError(
             f"pos must have shape (N,) and neg shape (N, M), got {tuple(pos.shape)} and {tuple(neg.shape)}; "
             "pass one positive logit and one row of negative logits per anchor"
         )
     if pos_weight is not None and pos_weight.shape != pos.shape:
-        raise ConfigError(
+        raise ValueError(
             f"pos_weight must have the shape of pos {tuple(pos.shape)}, got {tuple(pos_weight.shape)}; "
             "pass one weight per anchor or None"
         )
@@ -155,8 +155,8 @@ class _TwoViewContrastiveLoss(nn.Module):
             else:
                 z1_all, z2_all, offset = z1, z2, 0
             big_n = z1_all.shape[0]
-            if big_n < 2:
-                raise ConfigError(
+            if big_n < 2:  # optim.batch_size >= 2 is validated with the config: a caller's mistake
+                raise ValueError(
                     f"a batch of {big_n} pair has no negatives; use a batch size of at least 2 (much more in practice)"
                 )
 

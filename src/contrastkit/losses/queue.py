@@ -103,15 +103,15 @@ class QueueContrastiveLoss(nn.Module):
             Scalar loss (float32, or float64 for float64 inputs): the mean over the ``n`` local queries.
         """
         if query.ndim != 2 or query.shape != key.shape:
-            raise ConfigError(
+            raise ValueError(
                 f"query and key must both have shape (n, D), got {tuple(query.shape)} and {tuple(key.shape)}"
             )
         if negatives is not None and (negatives.ndim != 2 or negatives.shape[1] != query.shape[1]):
-            raise ConfigError(
+            raise ValueError(
                 f"negatives must have shape (M, {query.shape[1]}), got {tuple(negatives.shape)}"
             )
         if negatives is not None and negatives.shape[0] == 0:
-            raise ConfigError("the bank of negatives is empty; pass negatives=None to use the other keys instead")
+            raise ValueError("the bank of negatives is empty; pass negatives=None to use the other keys instead")
         with autocast_disabled(query.device.type):
             q = F.normalize(at_least_float32(query), dim=1)  # nxD
             k = F.normalize(at_least_float32(key), dim=1).to(q.dtype)  # nxD
@@ -123,7 +123,7 @@ class QueueContrastiveLoss(nn.Module):
             else:
                 k_all, offset = self._global(k)  # NxD, N = W * n
                 if k_all.shape[0] < 2:
-                    raise ConfigError("a batch of 1 sample has no negatives; use a batch size of at least 2")
+                    raise ValueError("a batch of 1 sample has no negatives; use a batch size of at least 2")
                 neg = q @ k_all.T / self.temperature  # nxN
                 own = torch.arange(n, device=q.device) + offset  # n, column of each query's own key
                 neg = neg.masked_fill(F.one_hot(own, k_all.shape[0]).bool(), float("-inf"))  # nxN, N-1 finite

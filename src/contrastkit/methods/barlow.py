@@ -26,6 +26,7 @@ class BarlowTwins(SSLMethod):
     """Barlow Twins; see the module docstring."""
 
     own_loss = "barlow twins"
+    two_views = True
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         check_no_options(cfg, "barlow")

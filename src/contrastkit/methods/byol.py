@@ -35,6 +35,7 @@ class BYOL(SSLMethod):
     """BYOL: predict the EMA target's projection of the other view; see the module docstring."""
 
     own_loss = "byol (cosine)"
+    two_views = True
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         check_no_options(cfg, "byol")

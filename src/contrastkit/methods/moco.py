@@ -113,6 +113,8 @@ def shuffled_forward(encoder: Encoder, views: list[Tensor], groups: int = 1) -> 
 class MoCo(SSLMethod):
     """MoCo v2 with a queue of keys, a symmetric-loss option and shuffling BN; see the module docstring."""
 
+    two_views = True
+
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         check_no_options(cfg, "moco", known=("bn_splits",))
         super().__init__(backbone, feature_dim, cfg)

@@ -130,9 +130,9 @@ class ConvNet(nn.Module):
         self.min_size = 2 ** len(widths)  # each floor-mode pool halves the side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if min(x.shape[-2:]) < self.min_size:
-            raise ConfigError(f"convnet needs inputs of at least {self.min_size} px (each of its blocks halves the side), "
-                              f"got {tuple(x.shape[-2:])}: use fewer model.widths or larger crops")
+        if min(x.shape[-2:]) < self.min_size:  # the training crop is checked against min_size when the run is set up
+            raise ValueError(f"convnet needs inputs of at least {self.min_size} px (each of its blocks halves the "
+                             f"side), got {tuple(x.shape[-2:])}")
         return torch.flatten(self.pool(self.features(x)), 1)  # B x widths[-1]
 
 

@@ -95,7 +95,7 @@ class MomentumTeacher(nn.Module):
             t_params, s_params = list(teacher.parameters()), list(student.parameters())
             t_bufs, s_bufs = list(teacher.buffers()), list(student.buffers())
             if len(t_params) != len(s_params) or len(t_bufs) != len(s_bufs):
-                raise ConfigError(f"the teacher's {name!r} no longer has the structure of its student")
+                raise RuntimeError(f"the teacher's {name!r} no longer has the structure of its student")
             tp += t_params
             sp += s_params
             tb += t_bufs

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from contrastkit.errors import ConfigError
 from contrastkit.losses.common import at_least_float32, autocast_disabled
 
 __all__ = ["Neighbours", "cosine_similarities", "nearest_neighbours"]
@@ -33,14 +32,14 @@ class Neighbours(NamedTuple):
 
 def _check(query: Tensor, bank: Tensor) -> None:
     if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
-        raise ConfigError(
+        raise ValueError(
             f"query and bank must have shapes (N, D) and (M, D), got {tuple(query.shape)} and {tuple(bank.shape)}"
         )
 
 
 def _chunks(n: int, chunk_size: int) -> range:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ConfigError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     return range(0, n, chunk_size)
 
 
@@ -76,7 +75,7 @@ def nearest_neighbours(query: Tensor, bank: Tensor, k: int = 1, chunk_size: int 
     """
     _check(query, bank)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= bank.shape[0]:
-        raise ConfigError(f"k must be an integer in [1, {bank.shape[0]}] (the bank size), got {k!r}")
+        raise ValueError(f"k must be an integer in [1, {bank.shape[0]}] (the bank size), got {k!r}")
     with autocast_disabled(query.device.type):
         q = F.normalize(at_least_float32(query), dim=1)  # NxD
         b = F.normalize(bank.to(q.dtype), dim=1)  # MxD

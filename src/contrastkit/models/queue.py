@@ -133,13 +133,13 @@ class MemoryQueue(nn.Module):
     def get_indices(self, oldest_first: bool = False) -> Tensor:
         """The dataset indices of the entries returned by :meth:`get` (``-1`` where none were given)."""
         if self.indices is None:
-            raise ConfigError("this queue keeps no indices; build it with store_indices=True")
+            raise RuntimeError("this queue keeps no indices; build it with store_indices=True")
         return self._rows(self.indices, oldest_first)
 
     def get_labels(self, oldest_first: bool = False) -> Tensor:
         """The labels of the entries returned by :meth:`get` (``-1`` where none were given)."""
         if self.labels is None:
-            raise ConfigError("this queue keeps no labels; build it with store_labels=True")
+            raise RuntimeError("this queue keeps no labels; build it with store_labels=True")
         return self._rows(self.labels, oldest_first)
 
     # ------------------------------------------------------------------------------------------------------ write
@@ -161,11 +161,11 @@ class MemoryQueue(nn.Module):
             labels: Optional labels, shape ``(n,)``, kept when the queue stores labels.
         """
         if keys.ndim != 2 or keys.shape[1] != self.dim:
-            raise ConfigError(f"queue keys must have shape (n, {self.dim}), got {tuple(keys.shape)}")
+            raise ValueError(f"queue keys must have shape (n, {self.dim}), got {tuple(keys.shape)}")
         n_local = keys.shape[0]
         for name, extra in (("indices", indices), ("labels", labels)):
             if extra is not None and tuple(extra.shape) != (n_local,):
-                raise ConfigError(f"queue {name} must have shape ({n_local},), got {tuple(extra.shape)}")
+                raise ValueError(f"queue {name} must have shape ({n_local},), got {tuple(extra.shape)}")
         keys = keys.detach()
         keys = keys if keys.dtype in (torch.float32, torch.float64) else keys.float()
         keys = F.normalize(keys, dim=1).to(self.keys.dtype)  # nxD, normalised in float32 (or float64)

@@ -109,6 +109,11 @@ class SSLModule(L.LightningModule):
         self.cfg: Config = config_from_dict(config)
         cfg = self.cfg
         backbone, dim = build_backbone(cfg.model.backbone, **backbone_args(cfg.model.backbone, cfg.model, in_channels))
+        crop = cfg.views.crop_size or image_size
+        if crop < getattr(backbone, "min_size", 1):  # ConvNet: each block halves the side
+            raise ConfigError(f"model.backbone={cfg.model.backbone} with {len(cfg.model.widths)} model.widths needs "
+                              f"inputs of at least {backbone.min_size} px, got {crop} px crops: use fewer "
+                              "model.widths or a larger views.crop_size")
         if cfg.model.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.method: SSLMethod = build_method(backbone, dim, cfg.method)
