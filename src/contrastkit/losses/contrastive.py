@@ -189,8 +189,9 @@ _DISTRIBUTED_DOC = """
     the mean over this process's ``2n`` anchors; the mean over processes equals the single-process loss on the global
     batch, and the gradient reaching each process's inputs is ``W`` times the corresponding slice of the global
     gradient, which DDP's gradient averaging divides by ``W``: ``W`` processes on ``W`` equal slices train exactly
-    like one process on the whole batch. All processes must have the same local batch size ``n`` (a
-    ``DistributedSampler``, which Lightning adds, guarantees it) and all must call ``backward``. Without a process
+    like one process on the whole batch. All processes must have the same local batch size ``n`` (the
+    training loader, :func:`contrastkit.training.module.index_loader`, guarantees it: a ``DistributedSampler`` and
+    ``drop_last`` on every rank; Lightning's own sampler is disabled) and all must call ``backward``. Without a process
     group, or with ``gather_distributed=False``, only the local batch is used.
 """
 

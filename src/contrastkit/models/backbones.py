@@ -107,8 +107,8 @@ class ConvNet(nn.Module):
     """A plain ConvNet: ``len(widths)`` blocks of 3x3 conv -> BN -> ReLU -> 2x2 max-pool, then global average pool.
 
     The max-pool is PyTorch's default (floor mode), so 28 px inputs go 28 -> 14 -> 7 -> 3 -> 1. With the default
-    widths (32, 64, 128, 256) this is the 4-layer ConvNet of the issue's lightly reference (our reference point for
-    throughput in docs/benchmarks.md).
+    widths (32, 64, 128, 256) this is the 4-layer ConvNet of lightly's Fashion-MNIST reference run (our reference
+    point for throughput in docs/benchmarks.md).
 
     Args:
         in_channels: input channels. Default 3. widths: channels of each block. Default (32, 64, 128, 256).
