@@ -3,7 +3,7 @@
 from contrastkit.models.backbones import BACKBONE_ARGS, BACKBONES, ConvNet, SmallResNet, backbone_args, build_backbone
 from contrastkit.models.heads import mlp
 from contrastkit.models.momentum import MomentumTeacher, cosine_momentum, fixed_momentum
-from contrastkit.models.neighbours import Neighbours, cosine_similarities, nearest_neighbours
+from contrastkit.models.neighbours import Neighbours, cosine_similarities, cosine_topk, nearest_neighbours
 from contrastkit.models.queue import MemoryQueue
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "build_backbone",
     "cosine_momentum",
     "cosine_similarities",
+    "cosine_topk",
     "fixed_momentum",
     "mlp",
     "nearest_neighbours",
