@@ -7,10 +7,10 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from contrastkit.augment.views import normalize_uint8
 from contrastkit.errors import ConfigError, DataError
 from contrastkit.evaluation._checks import positive_int, resolve_device
 
@@ -98,15 +98,8 @@ def extract_features(
             f"the model is on {model_device} but device={dev}; move it with model.to({str(dev)!r}) or pass device=None"
         )
 
-    mean_t = torch.tensor(mean_list, dtype=torch.float32, device=dev).view(1, channels, 1, 1)
-    inv_std_t = 1.0 / torch.tensor(std_list, dtype=torch.float32, device=dev).view(1, channels, 1, 1)
-    resize = size is not None and (height, width) != (size, size)
-
     def preprocess(batch: Tensor) -> Tensor:  # uint8 B x C x H x W -> normalised float B x C x size x size
-        x = batch.float().div_(255.0)
-        if resize:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return x.sub_(mean_t).mul_(inv_std_t)
+        return normalize_uint8(batch, mean_list, std_list, size)
 
     return _forward_in_batches(model, images, dev, batch_size, preprocess, "extracting features", progress)
 
