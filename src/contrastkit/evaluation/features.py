@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from contrastkit.augment.views import normalize_uint8
 from contrastkit.errors import ConfigError, DataError
-from contrastkit.evaluation._checks import positive_int, resolve_device
+from contrastkit.validation import positive_int, resolve_device
 
 
 def _model_device(model: nn.Module) -> torch.device | None:

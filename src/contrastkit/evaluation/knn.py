@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from contrastkit.errors import ConfigError
-from contrastkit.evaluation._checks import (
+from contrastkit.validation import (
     features_arg,
     labels_arg,
     num_classes_arg,

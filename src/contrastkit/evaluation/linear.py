@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from contrastkit.errors import ConfigError, DataError
-from contrastkit.evaluation._checks import (
+from contrastkit.validation import (
     features_arg,
     float_grid,
     is_real,

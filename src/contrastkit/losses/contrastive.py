@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
 from contrastkit.losses import distributed
-from contrastkit.losses.common import at_least_float32, autocast_disabled, check_flag, check_pair, positive_float
+from contrastkit.losses.common import at_least_float32, autocast_disabled, check_pair
+from contrastkit.validation import check_flag, positive_float
 
 __all__ = [
     "DCLLoss",
@@ -103,7 +104,7 @@ def dclw_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
     Returns:
         Weights of shape ``(N,)``, detached from the graph.
     """
-    sigma = positive_float("sigma", sigma, "use the DCL paper's default sigma=0.5")
+    sigma = positive_float(sigma, "sigma", "use the DCL paper's default sigma=0.5")
     with torch.no_grad():
         sim = (z1 * z2).sum(dim=1)  # N
         return 2.0 - sim.shape[0] * torch.softmax(sim / sigma, dim=0)  # N
@@ -122,9 +123,9 @@ class _TwoViewContrastiveLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = False) -> None:
         super().__init__()
         self.temperature = positive_float(
-            "temperature", temperature, "use a small positive value such as 0.1 (typical range 0.05-0.5)"
+            temperature, "temperature", "use a small positive value such as 0.1 (typical range 0.05-0.5)"
         )
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.gather_distributed = check_flag(gather_distributed, "gather_distributed")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
@@ -274,7 +275,7 @@ class DCLWLoss(DCLLoss):
 
     def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False) -> None:
         super().__init__(temperature=temperature, gather_distributed=gather_distributed)
-        self.sigma = positive_float("sigma", sigma, "use the DCL paper's default sigma=0.5")
+        self.sigma = positive_float(sigma, "sigma", "use the DCL paper's default sigma=0.5")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, sigma={self.sigma}, gather_distributed={self.gather_distributed}"

@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
 from contrastkit.losses import distributed
-from contrastkit.losses.common import at_least_float32, autocast_disabled, check_flag, positive_float
+from contrastkit.losses.common import at_least_float32, autocast_disabled
+from contrastkit.validation import check_flag, positive_float
 from contrastkit.losses.contrastive import contrastive_from_logits, dclw_weights
 
 __all__ = [
@@ -73,9 +74,9 @@ class QueueContrastiveLoss(nn.Module):
     def __init__(self, temperature: float = 0.2, gather_distributed: bool = False) -> None:
         super().__init__()
         self.temperature = positive_float(
-            "temperature", temperature, "use a small positive value such as 0.2 (typical range 0.05-0.5)"
+            temperature, "temperature", "use a small positive value such as 0.2 (typical range 0.05-0.5)"
         )
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.gather_distributed = check_flag(gather_distributed, "gather_distributed")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
@@ -168,7 +169,7 @@ class QueueDCLWLoss(QueueDCLLoss):
 
     def __init__(self, temperature: float = 0.2, sigma: float = 0.5, gather_distributed: bool = False) -> None:
         super().__init__(temperature=temperature, gather_distributed=gather_distributed)
-        self.sigma = positive_float("sigma", sigma, "use the DCL paper's default sigma=0.5")
+        self.sigma = positive_float(sigma, "sigma", "use the DCL paper's default sigma=0.5")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, sigma={self.sigma}, gather_distributed={self.gather_distributed}"

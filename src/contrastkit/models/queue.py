@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
+from contrastkit.validation import positive_int
 from contrastkit.losses import distributed
 
 __all__ = ["MemoryQueue", "gather_no_grad"]
@@ -90,11 +91,8 @@ class MemoryQueue(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        for name, value in (("size", size), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"queue {name} must be an integer >= 1, got {value!r}")
-        self.size = size
-        self.dim = dim
+        self.size = positive_int(size, "queue size")
+        self.dim = positive_int(dim, "queue dim")
         self.gather_distributed = bool(gather_distributed)
         self.register_buffer("keys", torch.zeros(size, dim, dtype=dtype))  # KxD
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next row to write
