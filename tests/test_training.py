@@ -13,7 +13,8 @@ import torch
 
 from contrastkit.checkpoint import load_module
 from contrastkit.config import load_config
-from contrastkit.training.run import final_evaluation, load_monitor_sets, train
+from contrastkit.evaluation import final_evaluation
+from contrastkit.training.run import load_monitor_sets, train
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,8 @@
 """``train(config)``: the whole pretraining run, usable without the CLI.
 
 Builds the dataset, the Lightning module and trainer (devices, DDP, precision, loggers, checkpoints, kNN
-monitor), trains, evaluates, and writes ``RUN_DIR/results.json`` (atomically, on global rank 0 only).
+monitor), trains, runs the final evaluation (:func:`contrastkit.evaluation.final_evaluation`), and writes
+``RUN_DIR/results.json`` (atomically, on global rank 0 only).
 
 Run directory layout::
 
@@ -37,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from contrastkit.config import Config, TrainConfig, apply_overrides, config_from_dict, resume_changes, to_yaml
 from contrastkit.data import ImageTensors, load_dataset
 from contrastkit.errors import ConfigError, DataError, RunInterrupted
+from contrastkit.evaluation.final import eval_size, final_evaluation, monitor_bank
 from contrastkit.io import write_json_atomic, write_text_atomic
 from contrastkit.methods import loss_name
 from contrastkit.training.callbacks import (
@@ -94,16 +96,6 @@ def load_monitor_sets(cfg: Config) -> tuple[ImageTensors, ImageTensors] | None:
             "labels; set data.monitor_bank_split/monitor_query_split to labelled splits or null"
         )
     return bank, query
-
-
-def monitor_bank(cfg: Config, bank: ImageTensors) -> ImageTensors:
-    """The kNN bank: a fixed random subset of ``data.monitor_bank_size`` images of ``bank`` (seeded with
-    ``train.seed``) when that is set and smaller, else the whole ``bank``. Only the kNN monitor and the kNN
-    baselines use the subset; the linear probe trains on the whole split."""
-    if cfg.data.monitor_bank_size and cfg.data.monitor_bank_size < len(bank):
-        g = torch.Generator().manual_seed(cfg.train.seed)
-        return bank.subset(torch.randperm(len(bank), generator=g)[: cfg.data.monitor_bank_size])
-    return bank
 
 
 def _precision(p: str) -> str:
@@ -408,72 +400,6 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
     if trainer.global_rank == 0:
         write_json_atomic(run_dir / "results.json", metrics)
     return TrainResult(run_dir, last if last.exists() else None, metrics)
-
-
-def eval_size(cfg: Config, image_side: int) -> int | None:
-    """Evaluation input size: the training crop size when it differs from the stored images, else native."""
-    crop = cfg.views.crop_size
-    return crop if crop and crop != image_side else None
-
-
-def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: list[float], bank: ImageTensors,
-                     query: ImageTensors, features: tuple[torch.Tensor, torch.Tensor] | None = None
-                     ) -> dict[str, Any]:
-    """Baselines and the linear probe, on the monitor's labelled splits.
-
-    ``bank`` is the whole labelled bank split: the linear probe trains on all of it (``linear.train_split`` and
-    ``linear.train_size`` in the result say so); the kNN baselines use the kNN monitor's bank, :func:`monitor_bank`.
-
-    Baselines (``eval.baselines``): the same kNN on the random-init backbone, on raw pixels normalised per channel
-    like the network's input (``raw_pixels_knn``), and on raw pixels in [0, 1] (``raw_pixels_unnormalised_knn``;
-    cosine similarity of non-negative vectors, the weaker of the two, and the usual "raw pixels" row elsewhere).
-
-    ``features``: the trained backbone's ``(bank, query)`` features if already extracted (by the kNN monitor at
-    the final step); otherwise they are extracted here (the bank's also when ``features`` holds those of a smaller
-    kNN bank)."""
-    from contrastkit.evaluation import extract_features, knn_evaluate, linear_probe
-    from contrastkit.models import backbone_args, build_backbone
-
-    device = module.device
-    size = eval_size(cfg, int(module.hparams["image_size"]))
-    assert bank.labels is not None and query.labels is not None
-    yb, yq = bank.labels.to(device), query.labels.to(device)
-    num_classes = int(max(yb.max(), yq.max())) + 1
-    knn_bank = monitor_bank(cfg, bank)
-    yk = knn_bank.labels.to(device)  # type: ignore[union-attr]
-    k, t = min(cfg.train.knn_k, len(knn_bank)), cfg.train.knn_temperature
-    out: dict[str, Any] = {}
-    if cfg.eval.baselines:
-        torch.manual_seed(cfg.train.seed)
-        name = cfg.model.backbone
-        rand, _ = build_backbone(name, **backbone_args(name, cfg.model, knn_bank.channels))
-        rand = rand.to(device)
-        fb = extract_features(rand, knn_bank.images, mean, std, cfg.eval.batch_size, device, size)
-        fq = extract_features(rand, query.images, mean, std, cfg.eval.batch_size, device, size)
-        out["random_init_knn"] = knn_evaluate(fb, yk, fq, yq, num_classes, k=k, temperature=t)
-        pix = torch.nn.Flatten()
-        fb = extract_features(pix, knn_bank.images, mean, std, cfg.eval.batch_size, device)
-        fq = extract_features(pix, query.images, mean, std, cfg.eval.batch_size, device)
-        out["raw_pixels_knn"] = knn_evaluate(fb, yk, fq, yq, num_classes, k=k, temperature=t)
-        zero, one = [0.0] * knn_bank.channels, [1.0] * knn_bank.channels  # pixels in [0, 1], not centred
-        fb = extract_features(pix, knn_bank.images, zero, one, cfg.eval.batch_size, device)
-        fq = extract_features(pix, query.images, zero, one, cfg.eval.batch_size, device)
-        out["raw_pixels_unnormalised_knn"] = knn_evaluate(fb, yk, fq, yq, num_classes, k=k, temperature=t)
-    if cfg.eval.linear:
-        if features is not None and features[0].shape[0] == len(bank):
-            fb = features[0].to(device)
-        else:
-            fb = extract_features(module.backbone, bank.images, mean, std, cfg.eval.batch_size, device, size)
-        if features is not None:
-            fq = features[1].to(device)
-        else:
-            fq = extract_features(module.backbone, query.images, mean, std, cfg.eval.batch_size, device, size)
-        res = linear_probe(fb, yb, fq, yq, num_classes, epochs=cfg.eval.linear_epochs, device=device,
-                           seed=cfg.train.seed)
-        out["linear"] = {**res.to_dict(), "train_split": cfg.data.monitor_bank_split, "train_size": len(bank),
-                         "test_split": cfg.data.monitor_query_split, "test_size": len(query)}
-        out["linear_top1"] = res.top1
-    return out
 
 
 def _peak_memory_mb() -> float:
