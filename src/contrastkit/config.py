@@ -75,7 +75,7 @@ class MethodConfig:
     """The SSL method, its loss and its heads. Fields marked with a method name are read by that method only."""
 
     name: str = "simclr"  #: simclr, moco, nnclr, byol, barlow (see contrastkit.methods.METHODS)
-    loss: str | None = None  #: contrastive loss of simclr/moco/nnclr: infonce, dcl, dclw; None = infonce (byol/barlow: must stay None, they have their own)
+    loss: str | None = None  #: simclr/moco/nnclr: infonce, dcl, dclw; None = infonce. byol/barlow: None (own loss)
     temperature: float = 0.1  #: softmax temperature of the contrastive loss
     sigma: float = 0.5  #: DCLW weighting temperature
     proj_hidden_dim: int = 512  #: projector hidden width
@@ -353,7 +353,10 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = Config()
     for section, values in data.items():
         _apply(cfg, section, values)
-    if cfg.method.name in ("byol", "barlow") and cfg.method.loss == "dcl":
+    from contrastkit.methods import METHODS
+
+    own = METHODS[cfg.method.name].own_loss if cfg.method.name in METHODS else None
+    if own and cfg.method.loss == "dcl":
         cfg.method.loss = None  # saved when method.loss defaulted to dcl for every method; byol/barlow never read it
     return cfg.validate()
 

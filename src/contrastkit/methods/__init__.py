@@ -38,4 +38,5 @@ def build_method(backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> SS
     return METHODS[cfg.name](backbone, feature_dim, cfg)
 
 
-__all__ = ["BYOL", "METHODS", "NNCLR", "BarlowTwins", "MoCo", "ParamGroup", "SSLMethod", "SimCLR", "build_method", "loss_name"]
+__all__ = ["BYOL", "METHODS", "NNCLR", "BarlowTwins", "MoCo", "ParamGroup", "SSLMethod", "SimCLR", "build_method",
+           "loss_name"]
