@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-import contrastkit.data.base as data_base
+import contrastkit.data.cache as data_cache
 import contrastkit.data.imagefolder as imagefolder_module
 from contrastkit.data import ImageTensors, available_datasets, dataset_options, dataset_splits, load_dataset
 from contrastkit.errors import ContrastkitError, DataError
@@ -488,8 +488,8 @@ def test_imagefolder_flat_splits_resize_and_cache_dir(tmp_path, monkeypatch):
     assert [p.name for p in elsewhere.iterdir() if p.name.endswith(".images.npy")]
 
     # An unwritable root falls back to $XDG_CACHE_HOME/contrastkit.
-    real = data_base.writable_dir
-    monkeypatch.setattr(data_base, "writable_dir", lambda p: False if ".contrastkit-cache" in str(p) else real(p))
+    real = data_cache.writable_dir
+    monkeypatch.setattr(data_cache, "writable_dir", lambda p: False if ".contrastkit-cache" in str(p) else real(p))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     load_dataset("imagefolder", root=flat, image_size=7)
     assert list((tmp_path / "xdg" / "contrastkit" / "imagefolder").glob("*.images.npy"))

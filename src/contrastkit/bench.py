@@ -111,7 +111,7 @@ def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, ste
         _sync(dev)
         t = time.perf_counter()
         with autocast:
-            loss = module.method.forward_loss(views, 0.0)["loss"]
+            loss = module.training_loss(views)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -45,6 +45,7 @@ def _what_ran(cfg: Any, metrics: dict[str, Any]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from contrastkit.config import load_config, to_yaml
+    from contrastkit.methods import loss_name
     from contrastkit.training.run import resume_config, train
 
     overrides = list(args.overrides)
@@ -78,7 +79,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     final = "knn_top1_test" in m or (m.get("knn_top1") is None and m.get("linear_top1_test") is not None)
     split = cfg.data.test_split if final else cfg.data.monitor_query_split  # the test split once, at the end
     top1 = m.get("knn_top1_test") if final else m.get("knn_top1")
-    run = f"{cfg.method.name}+{cfg.method.loss} ({cfg.model.backbone}, {ran})"
+    run = f"{cfg.method.name}+{loss_name(cfg.method)} ({cfg.model.backbone}, {ran})"
     rows = []
     if top1 is not None:
         rows.append((run, f"{top1:.2f}"))

@@ -73,12 +73,16 @@ class ModelConfig:
     channels_last: bool = True  #: channels-last memory format (1.2-1.7x faster convs on this CPU, see docs/benchmarks.md; also the fast path on recent GPUs)
 
 
+#: The contrastive loss of simclr/moco/nnclr when ``method.loss`` is unset (InfoNCE, the loss of all three papers).
+DEFAULT_LOSS = "infonce"
+
+
 @dataclass
 class MethodConfig:
     """The SSL method, its loss and its heads. Fields marked with a method name are read by that method only."""
 
     name: str = "simclr"  #: simclr, moco, nnclr, byol, barlow (see contrastkit.methods.METHODS)
-    loss: str = "dcl"  #: contrastive loss of simclr/moco/nnclr: infonce, dcl, dclw
+    loss: str | None = None  #: simclr/moco/nnclr: infonce, dcl, dclw; None = infonce. byol/barlow: None (own loss)
     temperature: float = 0.1  #: softmax temperature of the contrastive loss
     sigma: float = 0.5  #: DCLW weighting temperature
     proj_hidden_dim: int = 512  #: projector hidden width
@@ -96,6 +100,11 @@ class MethodConfig:
     barlow_scale: float = 0.1  #: barlow: loss scale (solo-learn's CIFAR recipe: 0.1)
     gather_distributed: bool = True  #: negatives (and queue keys) from all processes under DDP
     options: dict[str, Any] = field(default_factory=dict)  #: extra method-specific options
+
+    @property
+    def contrastive_loss(self) -> str:
+        """The contrastive loss simclr/moco/nnclr use: ``loss``, or :data:`DEFAULT_LOSS` when unset."""
+        return self.loss or DEFAULT_LOSS
 
 
 @dataclass
@@ -139,7 +148,7 @@ class TrainConfig:
     knn_temperature: float = 0.1  #: kNN monitor temperature
     progress_bar: bool = True  #: show the progress bar
     max_steps: int = -1  #: >0: stop after this many optimizer steps (smoke runs); the schedule still spans ``epochs``
-    compile: bool = False  #: torch.compile the backbone
+    compile: bool = False  #: torch.compile the backbone for the training step (not evaluation); see docs/benchmarks.md
     num_threads: int = 0  #: >0: torch.set_num_threads on CPU
     online_linear: bool = False  #: online linear probe on detached backbone features (labelled train_split; logs online_linear/acc)
     online_linear_lr: float = 0.1  #: learning rate of the online linear probe (SGD, momentum 0.9, no weight decay)
@@ -172,8 +181,17 @@ class Config:
     def validate(self) -> Config:
         """Check values and ranges; raise :class:`ConfigError` naming the key."""
         from contrastkit.losses import LOSSES
+        from contrastkit.methods import METHODS
 
-        _check(self.method.loss in LOSSES, "method.loss", self.method.loss, "one of " + ", ".join(sorted(LOSSES)))
+        _check(self.method.loss is None or self.method.loss in LOSSES, "method.loss", self.method.loss,
+               "one of " + ", ".join(sorted(LOSSES)) + " or null")
+        method = METHODS.get(self.method.name)
+        if method is not None and method.two_views and self.views.num_views != 2:
+            raise ConfigError(f"method {self.method.name} uses exactly 2 views, got views.num_views="
+                              f"{self.views.num_views}; set views.num_views=2")
+        if method is not None and method.own_loss and self.method.loss is not None:
+            raise ConfigError(f"method.loss={self.method.loss} does not apply to {self.method.name}, which has its own "
+                              f"loss ({method.own_loss}); remove method.loss or choose simclr, moco or nnclr")
         _check(self.method.queue_size >= 1, "method.queue_size", self.method.queue_size, ">= 1")
         _check(0 <= self.method.momentum_base <= 1, "method.momentum_base", self.method.momentum_base, "in [0, 1]")
         _check(0 <= self.method.momentum_final <= 1, "method.momentum_final", self.method.momentum_final,
@@ -442,6 +460,11 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = Config()
     for section, values in data.items():
         _apply(cfg, section, values)
+    from contrastkit.methods import METHODS
+
+    own = METHODS[cfg.method.name].own_loss if cfg.method.name in METHODS else None
+    if own and cfg.method.loss == "dcl":
+        cfg.method.loss = None  # saved when method.loss defaulted to dcl for every method; byol/barlow never read it
     return cfg.validate()
 
 

@@ -2,7 +2,7 @@
 
 For every run directory (written by :func:`contrastkit.training.train`) it reads
 
-* ``RUN_DIR/config.yaml``: method, plug-ins, loss, backbone, dataset, batch size, epochs;
+* ``RUN_DIR/config.yaml``: method, loss, backbone, dataset, batch size, epochs;
 * ``RUN_DIR/results.json``: kNN top-1, linear top-1 (``eval.linear=true``), time per epoch, images/s, peak memory.
   A linear-probe result of ``contrastkit eval linear RUN_DIR/checkpoints/last.ckpt`` is used when ``results.json``
   has none, if it is on the run's own protocol (its dataset and splits, backbone features, ``eval.linear_epochs``
@@ -42,10 +42,6 @@ CURVES: dict[str, tuple[str, str, str]] = {
     "train/lr": ("lr", "learning rate", "learning rate"),
     "online_linear/acc": ("online_linear", "online linear probe accuracy (train.online_linear)", "top-1 (%)"),
 }
-#: Methods whose loss is fixed by the method (``method.loss`` applies to simclr, moco and nnclr only).
-_OWN_LOSS = {"byol": "byol (cosine)", "barlow": "barlow twins"}
-
-
 @dataclass
 class RunSummary:
     """What the report knows about one run directory.
@@ -220,21 +216,6 @@ def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return sec if isinstance(sec, dict) else {}
 
 
-def plugins_of(cfg: dict[str, Any]) -> str:
-    """The plug-ins of a config (a top-level ``plugins`` section or ``method.plugins``), or ``-``."""
-    raw = cfg.get("plugins", _section(cfg, "method").get("plugins"))
-    if not raw:
-        return "-"
-    if isinstance(raw, dict):
-        names = [str(k) for k, v in raw.items() if v not in (False, None) and not (isinstance(v, dict) and
-                                                                                  v.get("enabled") is False)]
-    elif isinstance(raw, (list, tuple)):
-        names = [str(x.get("name", x)) if isinstance(x, dict) else str(x) for x in raw]
-    else:
-        names = [str(raw)]
-    return ", ".join(names) if names else "-"
-
-
 def _fmt(v: Any, spec: str = ".2f", unit: str = "") -> str:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return "-"
@@ -255,7 +236,11 @@ def table_row(run: RunSummary) -> list[str]:
     cfg, res = run.config, run.results or {}
     method, optim, train_ = _section(cfg, "method"), _section(cfg, "optim"), _section(cfg, "train")
     name = str(method.get("name", "-"))
-    loss = _OWN_LOSS.get(name, str(method.get("loss", "-")))
+    from contrastkit.config import DEFAULT_LOSS
+    from contrastkit.methods import METHODS
+
+    own = METHODS[name].own_loss if name in METHODS else None
+    loss = own or str(method.get("loss") or DEFAULT_LOSS)  # method.loss applies to simclr, moco and nnclr only
     batch = res.get("batch_size", optim.get("batch_size", "-"))
     world = res.get("world_size", 1)
     batch_s = f"{batch}" if not isinstance(world, int) or world <= 1 else f"{batch} x {world}"
@@ -270,14 +255,14 @@ def table_row(run: RunSummary) -> list[str]:
     if run.linear_source == "eval" and split["linear_top1_test"] is not None:
         linear += " (eval)"
     return [
-        run.name, name, plugins_of(cfg), loss, str(_section(cfg, "model").get("backbone", "-")),
+        run.name, name, loss, str(_section(cfg, "model").get("backbone", "-")),
         str(_section(cfg, "data").get("name", "-")), batch_s, epochs_s, _fmt(split["knn_top1_val"]),
         _fmt(split["knn_top1_test"]), linear, _duration(res.get("seconds_per_epoch")),
         _fmt(res.get("images_per_sec"), ".0f"), _fmt(res.get("peak_memory_mb"), ".0f", " MB"),
     ]
 
 
-TABLE_HEADER = ["run", "method", "plug-ins", "loss", "backbone", "dataset", "batch size", "epochs", "kNN val",
+TABLE_HEADER = ["run", "method", "loss", "backbone", "dataset", "batch size", "epochs", "kNN val",
                 "kNN test", "linear test", "time / epoch", "images/s", "peak memory"]
 
 

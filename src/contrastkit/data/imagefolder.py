@@ -36,16 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from contrastkit.data.base import (
-    ImageTensors,
-    check_int,
-    create_npy,
-    digest,
-    one_line,
-    prune_cache,
-    resolve_cache_dir,
-    tensor_from_numpy,
-)
+from contrastkit.data.cache import create_npy, digest, prune_cache, resolve_cache_dir
+from contrastkit.data.options import check_int, one_line
+from contrastkit.data.tensors import ImageTensors, tensor_from_numpy
 from contrastkit.errors import DataError
 from contrastkit.io import atomic_write
 

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError, ContrastkitError, DataError
-from contrastkit.evaluation._checks import resolve_device
+from contrastkit.validation import resolve_device
 from contrastkit.evaluation.cache import (
     CachedFeatures,
     cache_dir,

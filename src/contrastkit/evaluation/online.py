@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contrastkit.augment.views import normalize_uint8
 from contrastkit.errors import ConfigError, DataError
 
 
@@ -136,12 +137,7 @@ class OnlineLinearProbe(L.Callback):
         """Backbone features (B x D float32, no gradient) of a uint8 batch, backbone in eval mode."""
         backbone: nn.Module = pl_module.backbone  # type: ignore[assignment]
         param = next(backbone.parameters())
-        x = images.to(param.device).float().div_(255.0)  # B x C x H x W
-        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        x = ((x - mean) / std).to(param.dtype)
+        x = normalize_uint8(images.to(param.device), self.mean, self.std, self.size).to(param.dtype)  # BxCxsxs
         if getattr(pl_module.cfg.model, "channels_last", False):
             x = x.contiguous(memory_format=torch.channels_last)
         modes = [(m, m.training) for m in backbone.modules()]

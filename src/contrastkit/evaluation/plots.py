@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from contrastkit.errors import ConfigError, ContrastkitError, DataError
 from contrastkit.io import atomic_write, writable_file
+from contrastkit.models.neighbours import cosine_topk
 
 #: 2-D projection methods of :func:`plot_embedding`.
 EMBEDDING_METHODS: tuple[str, ...] = ("tsne", "umap")
@@ -142,18 +142,6 @@ def _class_colours(n: int) -> list[Any]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def nearest_neighbours(query: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
-    """Indices (Q x k, most similar first) of the ``k`` bank rows with the highest cosine similarity to each query."""
-    if k > bank.shape[0]:
-        raise ConfigError(f"k={k} is larger than the bank ({bank.shape[0]} images); lower --k")
-    b = F.normalize(bank.float(), dim=1)
-    out = []
-    for i in range(0, query.shape[0], chunk):
-        q = F.normalize(query[i : i + chunk].float(), dim=1)
-        out.append((q @ b.T).topk(k, dim=1).indices)  # chunk x k
-    return torch.cat(out)
-
-
 def _show(ax: Any, image: torch.Tensor) -> None:
     img = image.cpu()
     if img.shape[0] == 1:
@@ -202,7 +190,10 @@ def plot_neighbours(evaluator: Any, out: str | Path = "neighbours.png", *, num_q
     q_images, b_images = evaluator.dataset(query_split).images, evaluator.dataset(bank_split).images
     qidx = _subset(q_entry.features.shape[0], num_queries, seed)
     qidx = qidx[torch.randperm(len(qidx), generator=torch.Generator().manual_seed(seed))]
-    nbrs = nearest_neighbours(q_entry.features[qidx.to(q_entry.features.device)], b_entry.features, k).cpu()
+    if k > b_entry.features.shape[0]:
+        raise ConfigError(f"k={k} is larger than the bank ({b_entry.features.shape[0]} images); lower --k")
+    queries = q_entry.features[qidx.to(q_entry.features.device)].float()  # Q x D
+    nbrs = cosine_topk(queries, b_entry.features.float(), k)[1].cpu()  # Q x k
     labelled = q_entry.labels is not None and b_entry.labels is not None
     classes = q_entry.classes or b_entry.classes
     ql = q_entry.labels.cpu() if q_entry.labels is not None else None
