@@ -245,16 +245,18 @@ def test_run_output_is_clean_and_reports_what_ran(tmp_path, tiny_overrides):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the progress bar is on stderr, the result table alone on stdout
     assert "it/s" not in proc.stdout and "Epoch 0" in proc.stderr
-    # the summary says what ran: 3 of 8 steps of the first epoch, k clamped to the 512-image bank
+    # the summary says what ran: 3 of 8 steps of the first epoch, k clamped to the bank (train minus validation)
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    bank = res["knn_bank_size"]
+    assert 400 < bank < 512
     assert "3 steps = 0.38 of 20 ep, train.max_steps" in proc.stdout and "20 ep)" not in proc.stdout, proc.stdout
-    assert "k=512," in proc.stdout and "k=100000" not in proc.stdout
+    assert f"k={bank}," in proc.stdout and "k=100000" not in proc.stdout
     # Lightning's benign banners, tips and deprecations are gone; its actionable hints are not
     for noise in ("GPU available", "TPU available", "Tip:", "litlogger", "LeafSpec", "`Trainer.fit` stopped"):
         assert noise not in proc.stderr, noise
     assert "logging interval" in proc.stderr
     # epochs are 0-based everywhere: results.json's history and metrics.csv agree on the epoch of step 3
-    res = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert res["epochs_completed"] == 0 and res["steps"] == 3 and res["knn_k"] == 512
+    assert res["epochs_completed"] == 0 and res["steps"] == 3 and res["knn_k"] == bank
     assert [(h["epoch"], h["step"]) for h in res["knn_history"]] == [(0, 2)]  # the third step has index 2
     with open(tmp_path / "run" / "logs" / "csv" / "metrics.csv", newline="") as f:
         knn_rows = [r for r in csv.DictReader(f) if r.get("knn/top1")]
