@@ -36,6 +36,8 @@ from contrastkit.models import MemoryQueue, nearest_neighbours
 class NNCLR(SSLMethod):
     """NNCLR; see the module docstring."""
 
+    reads_loss = True
+
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         check_no_options(cfg, "nnclr")
         super().__init__(backbone, feature_dim, cfg)

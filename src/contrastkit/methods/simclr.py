@@ -30,6 +30,8 @@ def build_contrastive_loss(cfg: MethodConfig) -> nn.Module:
 class SimCLR(SSLMethod):
     """SimCLR: symmetric contrastive loss between projected views; averaged over all view pairs."""
 
+    reads_loss = True
+
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         super().__init__(backbone, feature_dim, cfg)
         self.projector = build_projector(feature_dim, cfg)
