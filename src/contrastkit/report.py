@@ -13,8 +13,9 @@ For every run directory (written by :func:`contrastkit.training.train`) it reads
   ``(step + 1) / steps_per_epoch``; kNN values at the end of their epoch).
 
 and writes ``OUT/report.md`` plus ``OUT/loss.png``, ``OUT/knn_top1.png``, ``OUT/lr.png`` and, when a run used
-``train.online_linear=true``, ``OUT/online_linear.png`` (a plot is left out when no run logged that metric; the
-Markdown then says so, except for the optional online probe). Every file is written to a temporary name and renamed.
+``train.online_linear=true``, ``OUT/online_linear.png``, and with ``plugins.ascl``, ``OUT/ascl_confidence.png`` and
+``OUT/ascl_mass.png`` (a plot is left out when no run logged that metric; the Markdown then says so, except for
+the optional online probe and plug-in curves). Every file is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ CURVES: dict[str, tuple[str, str, str]] = {
     "knn/top1": ("knn_top1", "kNN top-1 (monitor)", "top-1 (%)"),
     "train/lr": ("lr", "learning rate", "learning rate"),
     "online_linear/acc": ("online_linear", "online linear probe accuracy (train.online_linear)", "top-1 (%)"),
+    "train/ascl_confidence": ("ascl_confidence", "ASCL mean confidence c (plugins.ascl)", "c"),
+    "train/ascl_mass": ("ascl_mass", "ASCL target mass outside the positive (plugins.ascl)", "mass"),
 }
+#: Curves drawn only when some run logged them (optional monitors and plug-ins).
+_OPTIONAL = ("online_linear", "train/ascl_")
 #: Methods whose loss is fixed by the method (``method.loss`` applies to simclr, moco and nnclr only).
 _OWN_LOSS = {"byol": "byol (cosine)", "barlow": "barlow twins"}
 
@@ -340,7 +345,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path = "report") -> 
     lines += ["## Training curves", ""]
     for column, (stem, title, _) in CURVES.items():
         png = plot_curves(runs, column, out / f"{stem}.png")
-        if png is None and column.startswith("online_linear"):
+        if png is None and column.startswith(_OPTIONAL):
             continue
         if png is None:
             lines += [f"*{title}: not logged by any run.*", ""]
