@@ -394,11 +394,15 @@ def test_runs_without_plugins_equal_the_code_before_plugins(tmp_path):
 @pytest.mark.parametrize("host", ["simclr_infonce", "moco_infonce", "byol"])
 def test_short_run_of_every_compatible_host_with_ascl(host, tmp_path):
     plain = per_step_losses(HOSTS[host], tmp_path / "plain")
-    ascl = per_step_losses(HOSTS[host] + ["plugins.ascl={neighbours: 5, target_temperature: 0.5}"], tmp_path / "a")
+    ascl = per_step_losses(HOSTS[host] + ["plugins.ascl={neighbours: 5, target_temperature: 0.5}",
+                                         "train.log_every_n_steps=1"], tmp_path / "a")
     assert all(math.isfinite(x) for x in ascl) and ascl != pytest.approx(plain, rel=1e-4)
     log = (tmp_path / "a" / "logs" / "csv" / "metrics.csv").read_text().splitlines()
     header = log[0].split(",")
-    assert "train/ascl_confidence" in header and "train/ascl_mass" in header
+    col = header.index("train/ascl_confidence")
+    values = [float(row.split(",")[col]) for row in log[1:] if row.split(",")[col]]
+    assert len(values) == len(ascl) and all(0 <= v <= 1 for v in values)
+    assert "train/ascl_mass" in header
 
 
 @pytest.mark.slow
