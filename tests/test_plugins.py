@@ -422,3 +422,18 @@ def test_resume_continues_exactly_with_ascl(tiny_overrides, tmp_path):
     assert a.keys() == b.keys() and "method.queue.keys" in a
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{key} differs after resume")
+
+
+@pytest.mark.slow
+def test_bench_throughput_runs_the_host_with_and_without_the_plugin(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["bench", "throughput", "--backbone", "small_resnet", "--dataset", "synthetic", "--method", "moco",
+                 "--batch-size", "16", "--steps", "2", "--warmup", "1", "--json", "--plugin", "ascl",
+                 "model.widths=[8,16]", "data.options={n: 128, channels: 3}", "method.loss=infonce",
+                 "plugins.ascl.neighbours=3"])
+    assert code == 0
+    records = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    assert [r["plugins"] for r in records] == ["-", "ascl"]
+    assert not any(o.startswith("plugins") for o in records[0]["overrides"])
+    assert "plugins.ascl.neighbours=3" in records[1]["overrides"]
+    assert all(r["model_images_per_sec"] > 0 for r in records)
