@@ -1,6 +1,6 @@
 """Two processes (gloo, CPU, DDP) on half batches must train exactly like one process on the whole batch, for MoCo,
-NNCLR, BYOL and Barlow Twins, and for MoCo, BYOL and SimCLR with the ASCL plug-in: same losses, same (DDP-averaged) gradients over two optimizer steps, same momentum
-teacher, and a global queue identical on both ranks and equal to the single-process queue.
+NNCLR, BYOL and Barlow Twins, and for MoCo, BYOL and SimCLR with the ASCL plug-in: same losses, same (DDP-averaged)
+gradients over two optimizer steps, same momentum teacher, and a global queue identical on both ranks and equal to the single-process queue.
 
 BatchNorm: with local statistics, BN makes half batches differ from the whole batch by design, so most cases use
 BN-free backbones and heads; what they test is the communication (gathered negatives, global queue, all-reduced

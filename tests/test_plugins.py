@@ -227,8 +227,8 @@ def test_peaked_similarities_move_mass_to_the_neighbour():
     bank = torch.cat([torch.eye(4, dtype=torch.float64), -torch.eye(4, dtype=torch.float64)])  # key i = row i
     y, c = ascl_targets(k @ bank.T, neighbours=1, target_temperature=0.01)
     assert torch.all(c > 0.99)
-    torch.testing.assert_close(y[:, 1:5], torch.full((4, 4), 0.5, dtype=torch.float64) * torch.eye(4, dtype=torch.float64),
-                               atol=1e-6, rtol=0)  # y = [1, ~1 on its copy] / 2
+    half = 0.5 * torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(y[:, 1:5], half, atol=1e-6, rtol=0)  # y = [1, ~1 on its copy] / 2
     assert torch.allclose(y.sum(dim=1), torch.ones(4, dtype=torch.float64))
 
 
@@ -347,7 +347,8 @@ def test_hooks_act_in_order_on_the_student_only(probe_plugin, tmp_path):
     probe = module.method.plugins.items["probe"]
     module.method.plugins.begin_step(StepContext(indices=torch.arange(8)))
     kept = module.method.plugins.select_batch(torch.arange(8), module)
-    out = module.method.plugins.add_extra_losses(module.method.forward_loss(module.make_views(module.images[kept]), 0.0))
+    views = module.make_views(module.images[kept])
+    out = module.method.plugins.add_extra_losses(module.method.forward_loss(views, 0.0))
     # the batch hook first, then the input hook on the student's two views only (BYOL's teacher sees plain views),
     # then the extra loss, which sees the kept batch
     assert probe.seen == [("batch", 0), ("input", (4, 3, 16, 16)), ("input", (4, 3, 16, 16)), ("extra", 4)]

@@ -160,7 +160,8 @@ def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100
     base = [o for o in overrides or [] if not o.startswith("plugins")]
     variants = [("-", base)]
     if plugins:
-        on = [f"plugins.{name}={{}}" for name in plugins if not any(o.startswith(f"plugins.{name}") for o in overrides or [])]
+        configured = [o for o in overrides or [] if o.startswith("plugins")]
+        on = [f"plugins.{name}={{}}" for name in plugins if not any(o.startswith(f"plugins.{name}") for o in configured)]
         variants.append((",".join(plugins), on + list(overrides or [])))
     records = []
     for method in methods or ["simclr"]:
