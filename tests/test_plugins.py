@@ -404,6 +404,11 @@ def test_short_run_of_every_compatible_host_with_ascl(host, tmp_path):
     values = [float(row.split(",")[col]) for row in log[1:] if row.split(",")[col]]
     assert len(values) == len(ascl) and all(0 <= v <= 1 for v in values)
     assert "train/ascl_mass" in header
+    from contrastkit.report import build_report
+
+    md = build_report([tmp_path / "plain", tmp_path / "a"], tmp_path / "report").read_text()
+    assert "ascl_confidence.png" in md and (tmp_path / "report" / "ascl_mass.png").is_file()
+    assert "| a | " in md and "| ascl |" in md  # the plug-ins column
 
 
 @pytest.mark.slow
