@@ -13,7 +13,7 @@ What runs (Fashion-MNIST train set from the Debian package, batch 256, SimCLR, 2
   SGD; the loss is lightly's ``NTXentLoss(temperature=0.1)``;
 - lightly's pipeline: PIL images, ``lightly.transforms.SimCLRTransform`` configured like our ``gray`` preset (crop
   scale 0.2-1, flip 0.5, brightness/contrast 0.4 with p 0.8, no saturation/hue/grayscale/blur), ``ToTensor`` +
-  normalisation, a torch DataLoader with ``--workers`` worker processes (2 = the issue's reference setting);
+  normalisation, a torch DataLoader with ``--workers`` worker processes (2 = the setting of the lightly reference figure);
 - timed: ``model`` = the step alone on one fixed ready batch; ``end_to_end`` = the loop fed by the DataLoader;
   source images per second, medians over ``--steps`` steps after ``--warmup``.
 """

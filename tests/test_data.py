@@ -5,7 +5,9 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import struct
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-import contrastkit.data.base as data_base
+import contrastkit.data.cache as data_cache
 import contrastkit.data.imagefolder as imagefolder_module
 from contrastkit.data import ImageTensors, available_datasets, dataset_options, dataset_splits, load_dataset
 from contrastkit.errors import ContrastkitError, DataError
@@ -486,8 +488,8 @@ def test_imagefolder_flat_splits_resize_and_cache_dir(tmp_path, monkeypatch):
     assert [p.name for p in elsewhere.iterdir() if p.name.endswith(".images.npy")]
 
     # An unwritable root falls back to $XDG_CACHE_HOME/contrastkit.
-    real = data_base.writable_dir
-    monkeypatch.setattr(data_base, "writable_dir", lambda p: False if ".contrastkit-cache" in str(p) else real(p))
+    real = data_cache.writable_dir
+    monkeypatch.setattr(data_cache, "writable_dir", lambda p: False if ".contrastkit-cache" in str(p) else real(p))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     load_dataset("imagefolder", root=flat, image_size=7)
     assert list((tmp_path / "xdg" / "contrastkit" / "imagefolder").glob("*.images.npy"))
@@ -530,6 +532,79 @@ def test_imagefolder_errors(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         load_dataset("imagefolder", root=root, image_size=8, workers=0)
     assert cache_files(root) == []
+
+
+def png16(path: Path, array: np.ndarray) -> Path:
+    """A 16-bit PNG written by hand (``array`` H x W x C uint16, C = 1, 2, 3 or 4): Pillow cannot write 16-bit RGB."""
+    h, w, c = array.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    raw = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(h))  # filter 0 per row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_imagefolder_every_pillow_mode_converts_or_is_refused(tmp_path):
+    # Each file is one uniform colour, so resizing keeps it; the decoded pixel must be the colour in 8 bits.
+    rgb = Image.new("RGB", (8, 8), (200, 100, 50))
+    grey = 124  # what Pillow's RGB -> L gives for (200, 100, 50)
+    root = tmp_path / "modes"
+    root.mkdir()
+    expected: dict[str, tuple[list[int], int]] = {}  # file -> (RGB value, tolerance)
+
+    def add(name: str, image: Image.Image, value: list[int], tol: int = 0, **kwargs) -> None:
+        image.save(root / name, **kwargs)
+        expected[name] = (value, tol)
+
+    add("01-mode1.png", Image.new("1", (8, 8), 1), [255] * 3)
+    add("02-L.png", rgb.convert("L"), [grey] * 3)
+    add("03-P.png", rgb.convert("P", palette=Image.Palette.ADAPTIVE), [200, 100, 50])
+    add("04-P-transparency.png", rgb.convert("P", palette=Image.Palette.ADAPTIVE), [200, 100, 50], transparency=0)
+    add("05-RGBA.png", Image.new("RGBA", (8, 8), (200, 100, 50, 10)), [200, 100, 50])
+    add("06-LA.png", Image.new("LA", (8, 8), (grey, 10)), [grey] * 3)
+    add("07-PA.tif", rgb.convert("P", palette=Image.Palette.ADAPTIVE).convert("PA"), [200, 100, 50])
+    add("08-CMYK.tif", rgb.convert("CMYK"), [200, 100, 50])
+    add("09-CMYK.jpg", rgb.convert("CMYK"), [200, 100, 50], tol=2, quality=100)
+    add("10-YCbCr.tif", rgb.convert("YCbCr"), [200, 100, 50], tol=2)
+    add("11-LAB.tif", rgb.convert("LAB"), [200, 100, 50], tol=2)
+    # 16-bit greyscale: Pillow modes I;16 (PNG), I;16B (TIFF) and I (PGM with maxval 65535): v / 257, not clipped
+    sixteen = np.full((8, 8), 40000, np.uint16)
+    add("12-I16.png", Image.fromarray(sixteen), [round(40000 / 257)] * 3)
+    add("13-I16B.tif", Image.frombytes("I;16B", (8, 8), sixteen.astype(">u2").tobytes()), [round(40000 / 257)] * 3)
+    (root / "14-16bit.pgm").write_bytes(b"P5 8 8 65535\n" + sixteen.astype(">u2").tobytes())
+    expected["14-16bit.pgm"] = ([round(40000 / 257)] * 3, 0)
+    # 16-bit RGB / grey+alpha PNGs: Pillow keeps the high byte (v >> 8), within 1 of v / 257
+    png16(root / "15-RGB16.png", np.full((8, 8, 3), [1000, 30000, 65535], np.uint16))
+    expected["15-RGB16.png"] = ([round(1000 / 257), round(30000 / 257), 255], 1)
+    png16(root / "16-LA16.png", np.full((8, 8, 2), [30000, 5000], np.uint16))
+    expected["16-LA16.png"] = ([round(30000 / 257)] * 3, 1)
+
+    for name, _ in expected.items():
+        assert Image.open(root / name).mode  # every file opens
+    modes = {n: Image.open(root / n).mode for n in expected}
+    assert {modes["12-I16.png"], modes["13-I16B.tif"], modes["14-16bit.pgm"]} == {"I;16", "I;16B", "I"}, modes
+    data = load_dataset("imagefolder", root=root, image_size=4, workers=0)
+    assert data.images.shape == (len(expected), 3, 4, 4)
+    for i, (name, (value, tol)) in enumerate(sorted(expected.items())):
+        pixels = data.images[i].reshape(3, -1).int()  # 3 x 16
+        assert (pixels - torch.tensor(value)[:, None]).abs().max() <= tol, (name, modes[name], pixels[:, 0].tolist())
+    grey_data = load_dataset("imagefolder", root=root, image_size=4, channels=1, workers=0)
+    assert grey_data.images[sorted(expected).index("12-I16.png")].unique().tolist() == [round(40000 / 257)]
+
+    # 32-bit integer (I) and float (F) images have no known range: refused, naming the file and the mode.
+    for mode, array in (("I", np.full((8, 8), 70000, np.int32)), ("F", np.full((8, 8), 0.5, np.float32))):
+        folder = tmp_path / f"mode-{mode}"
+        save_image(folder / "ok.png", random_rgb(0))
+        bad = save_image(folder / "deep.tif", array)
+        assert Image.open(bad).mode == mode
+        with raises_data_error(f"image {bad} has Pillow mode {mode}", "8- or 16-bit"):
+            load_dataset("imagefolder", root=folder, image_size=4, workers=0)
 
 
 # --------------------------------------------------------------------------------------------------------------------

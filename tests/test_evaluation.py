@@ -535,7 +535,7 @@ def test_extract_features_bad_inputs_raise():
     _raises(ConfigError, extract_features, model, images, MEAN, STD, batch_size=0)
     _raises(ConfigError, extract_features, model, images, MEAN, STD, size=0)
     _raises(ConfigError, extract_features, model, images, MEAN, STD, device="meta", match="model.to")
-    _raises(ConfigError, extract_features, nn.Conv2d(3, 4, 3), images, MEAN, STD, match="batch, dim")
+    _raises(ValueError, extract_features, nn.Conv2d(3, 4, 3), images, MEAN, STD, match="batch, dim")  # the model's bug
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -625,3 +625,10 @@ def test_feature_cache_roundtrip_key_and_corruption(tmp_path):
     ckpt.write_bytes(b"other weights")  # the checkpoint changed: its stamp is in every key
     assert make_key(ckpt, split="test", kind="backbone") != key
     assert not list(path.parent.glob("*.tmp"))
+
+
+def test_a_model_returning_maps_is_a_programming_error_not_a_user_error():
+    images = torch.zeros(4, 1, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"\(batch, dim\)") as e:
+        extract_features(torch.nn.Identity(), images, [0.5], [0.25], batch_size=2, device="cpu")
+    assert not isinstance(e.value, ConfigError)

@@ -307,19 +307,22 @@ def test_bad_gather_flag() -> None:
 )
 def test_bad_shapes(shape1, shape2) -> None:
     for kind in ["infonce", "dcl", "dclw"]:
-        with pytest.raises(ConfigError, match="z1 and z2 must both have shape"):
+        with pytest.raises(ValueError, match="z1 and z2 must both have shape") as e:  # a caller's mistake
             make_loss(kind, 0.1)(torch.randn(shape1), torch.randn(shape2))
+        assert not isinstance(e.value, ConfigError)
 
 
 def test_batch_of_one_pair_rejected() -> None:
-    with pytest.raises(ConfigError, match="no negatives"):
+    with pytest.raises(ValueError, match="no negatives") as e:
         DCLLoss()(torch.randn(1, 4), torch.randn(1, 4))
+    assert not isinstance(e.value, ConfigError)
 
 
 def test_functional_core_bad_shapes() -> None:
-    with pytest.raises(ConfigError, match="pos must have shape"):
+    with pytest.raises(ValueError, match="pos must have shape") as e:
         contrastive_from_logits(torch.randn(3), torch.randn(4, 5))
-    with pytest.raises(ConfigError, match="pos_weight"):
+    assert not isinstance(e.value, ConfigError)
+    with pytest.raises(ValueError, match="pos_weight"):
         contrastive_from_logits(torch.randn(3), torch.randn(3, 5), pos_weight=torch.ones(4))
 
 

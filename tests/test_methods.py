@@ -6,6 +6,7 @@ enqueue", MoCo's shuffling BN, configuration errors, and a short synthetic train
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from contrastkit.config import load_config
 from contrastkit.errors import ConfigError
-from contrastkit.methods import METHODS, NNCLR, SSLMethod, build_method
+from contrastkit.methods import METHODS, NNCLR, SSLMethod, build_method, loss_name
 from contrastkit.methods.moco import encode_in_groups, shuffled_forward
 from contrastkit.models import build_backbone
 
@@ -49,10 +50,10 @@ def test_methods_are_registered() -> None:
 @pytest.mark.parametrize(
     "name,loss",
     [("moco", "infonce"), ("moco", "dcl"), ("moco", "dclw"), ("nnclr", "infonce"), ("nnclr", "dcl"),
-     ("nnclr", "dclw"), ("byol", "dcl"), ("barlow", "dcl")],
+     ("nnclr", "dclw"), ("byol", None), ("barlow", None)],
 )
-def test_forward_loss_is_finite_and_reaches_the_backbone(name: str, loss: str) -> None:
-    method = _method(name, f"method.loss={loss}")
+def test_forward_loss_is_finite_and_reaches_the_backbone(name: str, loss: str | None) -> None:
+    method = _method(name, *([f"method.loss={loss}"] if loss else []))
     method.train()
     for step in range(2):  # the second step reads a non-empty queue
         method.zero_grad()
@@ -257,12 +258,15 @@ def test_moco_batchnorm_modes() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_configuration_errors(name: str) -> None:
     method = _method(name)
-    with pytest.raises(ConfigError, match="2 views"):
+    with pytest.raises(ValueError, match="2 views") as e:  # a caller's mistake: the config cannot cause it
         method.forward_loss(_views() + _views(1)[:1], 0.0)
+    assert not isinstance(e.value, ConfigError)
+    with pytest.raises(ConfigError, match="views.num_views=2"):  # the user's way to ask for it, refused at once
+        load_config(None, [f"method.name={name}", "views.num_views=3"])
     with pytest.raises(ConfigError, match="method.options"):
         _method(name, "method.options={typo: 1}")
     with pytest.raises(ConfigError):
-        _method(name, "method.loss=dcl", "method.temperature=-1.0") if name != "barlow" else \
+        _method(name, "method.temperature=-1.0") if name != "barlow" else \
             _method(name, "method.barlow_lambda=-1.0")
 
 
@@ -328,3 +332,47 @@ def test_short_training_beats_random_init(name: str, tmp_path) -> None:
     metrics = train(cfg).metrics
     assert metrics["method"] == name and metrics["steps"] == 3 * (1024 // 32)
     assert metrics["knn_top1_test"] > metrics["random_init_knn"]["top1"] + 3.0, metrics  # both on the test split
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco", "nnclr"])
+def test_an_unset_loss_is_infonce(name: str) -> None:
+    from contrastkit.losses import InfoNCELoss, QueueInfoNCELoss
+
+    assert load_config(None, [f"method.name={name}"]).method.loss is None
+    criterion = _method(name).criterion
+    assert type(criterion) is (InfoNCELoss if name == "simclr" else QueueInfoNCELoss)
+    assert loss_name(load_config(None, [f"method.name={name}"]).method) == "infonce"
+    assert type(_method(name, "method.loss=dcl").criterion).__name__.endswith("DCLLoss")
+
+
+@pytest.mark.parametrize("name", ["byol", "barlow"])
+@pytest.mark.parametrize("loss", ["infonce", "dcl", "dclw"])
+def test_a_contrastive_loss_for_a_method_with_its_own_is_refused(name: str, loss: str) -> None:
+    with pytest.raises(ConfigError, match=f"method.loss={loss} does not apply to {name}") as e:
+        load_config(None, [f"method.name={name}", f"method.loss={loss}"])
+    assert "\n" not in str(e.value)
+    assert loss_name(load_config(None, [f"method.name={name}"]).method) == METHODS[name].own_loss
+
+
+def test_an_old_byol_checkpoint_config_with_the_former_default_loss_loads() -> None:
+    from contrastkit.config import config_from_dict
+
+    cfg = load_config(None, ["method.name=byol"]).to_dict()
+    cfg["method"]["loss"] = "dcl"  # what every config saved while method.loss defaulted to dcl holds
+    assert config_from_dict(cfg).method.loss is None
+
+
+#: What each preset trains with, as its header comment and docs/results.md describe it.
+PRESET_LOSSES = {"fmnist_simclr_dcl": ("simclr", "dcl"), "cifar10_simclr_resnet18": ("simclr", "infonce"),
+                 "fmnist_moco": ("moco", "infonce"), "fmnist_nnclr": ("nnclr", "infonce"),
+                 "fmnist_byol": ("byol", "byol (cosine)"), "fmnist_barlow": ("barlow", "barlow twins")}
+
+
+def test_every_preset_means_what_it_says() -> None:
+    configs = sorted(p.stem for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert configs == sorted(PRESET_LOSSES)
+    for stem, (method, loss) in PRESET_LOSSES.items():
+        cfg = load_config(Path(__file__).parents[1] / "configs" / f"{stem}.yaml")
+        assert (cfg.method.name, loss_name(cfg.method)) == (method, loss), stem
+        if METHODS[method].own_loss is None:  # the preset states its loss explicitly
+            assert cfg.method.loss == loss, stem

@@ -130,8 +130,20 @@ def test_convnet_layout_and_small_inputs():
     net.features[-4].register_forward_hook(lambda m, i, o: sizes.append(tuple(i[0].shape[-2:])))
     assert net(torch.randn(2, 1, 28, 28)).shape == (2, 256)
     assert sizes == [(3, 3), (1, 1)]
-    with pytest.raises(ConfigError, match="at least 16 px"):
+    with pytest.raises(ValueError, match="at least 16 px") as e:  # a caller's mistake: not a user error
         net(torch.randn(2, 1, 8, 8))
+    assert not isinstance(e.value, ConfigError)
+
+
+def test_convnet_crops_too_small_are_refused_when_the_run_is_set_up():
+    from contrastkit.config import load_config
+    from contrastkit.training.module import SSLModule
+
+    cfg = load_config(None, ["model.backbone=convnet", "views.crop_size=12"])
+    with pytest.raises(ConfigError, match="at least 16 px, got 12 px crops"):
+        SSLModule(cfg.to_dict(), 1, 28, [0.5], [0.25], steps_per_epoch=1)
+    cfg = load_config(None, ["model.backbone=convnet", "model.widths=[8, 16, 32]", "views.crop_size=12"])
+    SSLModule(cfg.to_dict(), 1, 28, [0.5], [0.25], steps_per_epoch=1)  # 3 blocks need 8 px
 
 
 def test_small_resnet_shapes():

@@ -25,7 +25,7 @@ from contrastkit.evaluation import CheckpointEvaluator, extract_features, knn_ev
 from contrastkit.evaluation import offline as offline_mod
 from contrastkit.export import export_backbone, load_backbone, read_backbone_info, sidecar_path
 from contrastkit.methods import METHODS
-from contrastkit.report import build_report, plugins_of, read_metrics_csv
+from contrastkit.report import build_report, read_metrics_csv
 from contrastkit.training.module import SSLModule
 from contrastkit.training.run import train
 
@@ -53,8 +53,9 @@ SECOND_METHOD = "barlow" if "barlow" in METHODS else "simclr"
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Two short finished runs: SimCLR+DCL and SECOND_METHOD (InfoNCE)."""
     root = tmp_path_factory.mktemp("runs")
-    a = train(load_config(None, _tiny(root / "run_a"))).run_dir
-    b = train(load_config(None, _tiny(root / "run_b", f"method.name={SECOND_METHOD}", "method.loss=infonce"))).run_dir
+    a = train(load_config(None, _tiny(root / "run_a", "method.loss=dcl"))).run_dir
+    second_loss = [] if SECOND_METHOD == "barlow" else ["method.loss=infonce"]  # Barlow Twins has its own loss
+    b = train(load_config(None, _tiny(root / "run_b", f"method.name={SECOND_METHOD}", *second_loss))).run_dir
     return {"simclr": a, "second": b}
 
 
@@ -88,12 +89,13 @@ def _one_line_error(capsys) -> str:
 # export / load_backbone
 
 
-def _resnet18_module(tmp_path: Path) -> tuple[SSLModule, Path]:
-    """A resnet18 (CIFAR stem) SSLModule with non-trivial BN statistics, saved in the Lightning checkpoint layout."""
-    cfg = load_config(None, ["model.backbone=resnet18", "model.cifar_stem=true", "data.name=synthetic",
-                             "data.image_size=16"])
+def _backbone_module(tmp_path: Path, channels: int = 3, *model: str) -> tuple[SSLModule, Path]:
+    """An SSLModule with the backbone ``model`` overrides describe and non-trivial BN statistics, saved in the
+    Lightning checkpoint layout."""
+    cfg = load_config(None, [*model, "data.name=synthetic", "data.image_size=16"])
     torch.manual_seed(0)
-    module = SSLModule(cfg.to_dict(), 3, 16, [0.4, 0.5, 0.6], [0.2, 0.25, 0.3], steps_per_epoch=1)
+    mean, std = [0.4, 0.5, 0.6][:channels], [0.2, 0.25, 0.3][:channels]
+    module = SSLModule(cfg.to_dict(), channels, 16, mean, std, steps_per_epoch=1)
     with torch.no_grad():
         for m in module.backbone.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -101,10 +103,69 @@ def _resnet18_module(tmp_path: Path) -> tuple[SSLModule, Path]:
                 m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
-    path = tmp_path / "resnet18.ckpt"
+    path = tmp_path / "backbone.ckpt"
     torch.save({"epoch": 0, "global_step": 0, "state_dict": module.state_dict(),
                 "hyper_parameters": dict(module.hparams)}, path)
     return module.eval(), path
+
+
+def _resnet18_module(tmp_path: Path) -> tuple[SSLModule, Path]:
+    """A resnet18 (CIFAR stem) SSLModule with non-trivial BN statistics, saved in the Lightning checkpoint layout."""
+    return _backbone_module(tmp_path, 3, "model.backbone=resnet18", "model.cifar_stem=true")
+
+
+#: Every backbone contrastkit builds, with non-default arguments: (image channels, model overrides).
+EVERY_BACKBONE = {
+    "resnet18-cifar-1ch": (1, ["model.backbone=resnet18", "model.cifar_stem=true"]),
+    "resnet18-imagenet-stem-2ch": (2, ["model.backbone=resnet18", "model.cifar_stem=false"]),
+    "resnet18-imagenet-stem-3ch": (3, ["model.backbone=resnet18", "model.cifar_stem=false"]),
+    "resnet50-cifar-3ch": (3, ["model.backbone=resnet50", "model.cifar_stem=true"]),
+    "small_resnet": (1, ["model.backbone=small_resnet", "model.widths=[8, 12, 20]", "model.blocks=2",
+                         "model.stem_stride=1"]),
+    "convnet-default": (1, ["model.backbone=convnet"]),
+    "convnet": (3, ["model.backbone=convnet", "model.widths=[8, 16, 24]"]),
+}
+
+
+@pytest.mark.parametrize("name", list(EVERY_BACKBONE))
+def test_export_of_every_backbone_loads_back(name, tmp_path):
+    channels, overrides = EVERY_BACKBONE[name]
+    module, path = _backbone_module(tmp_path, channels, *overrides)
+    out, side = export_backbone(path, tmp_path / "export" / "backbone.pt")
+    info = json.loads(side.read_text())
+    x = torch.randn(2, channels, 16, 16)
+    with torch.no_grad():
+        expected = module.backbone.to(memory_format=torch.contiguous_format)(x)
+        assert info["feature_dim"] == expected.shape[1]
+        got = contrastkit.load_backbone(out)(x)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        if info["torchvision"] is not None:  # a fresh torchvision model built exactly as the sidecar says
+            recipe = info["torchvision"]
+            scope = {"torchvision": torchvision, "nn": nn}
+            tv = eval(recipe["constructor"], scope)
+            for part in ("conv1", "maxpool", "fc"):
+                if recipe[part] != "unchanged":
+                    setattr(tv, part, eval(recipe[part], scope))
+            tv.load_state_dict(torch.load(out, weights_only=True))  # strict: same keys and shapes
+            torch.testing.assert_close(tv.eval()(x), expected, rtol=0, atol=0)
+        else:  # contrastkit's own classes take the sidecar's args as they are
+            from contrastkit.models import ConvNet, SmallResNet
+
+            cls = {"convnet": ConvNet, "small_resnet": SmallResNet}[info["architecture"]]
+            net = cls(**info["args"])
+            net.load_state_dict(torch.load(out, weights_only=True))
+            torch.testing.assert_close(net.eval()(x), expected, rtol=0, atol=0)
+
+
+def test_small_resnet_stem_stride_default_is_the_configs():
+    import inspect
+
+    from contrastkit.config import ModelConfig
+    from contrastkit.models import SmallResNet, build_backbone
+
+    default = ModelConfig().stem_stride
+    assert inspect.signature(SmallResNet).parameters["stem_stride"].default == default
+    assert inspect.signature(build_backbone).parameters["stem_stride"].default == default
 
 
 def test_export_resnet18_loads_into_plain_torchvision(tmp_path, capsys):
@@ -305,7 +366,10 @@ def test_eval_knn_grid_and_linear_cli(ckpt, capsys):
     assert (cache / "synthetic-train_minus_val-backbone-aug0.pt").is_file()
     assert (cache / "synthetic-train_minus_val-backbone-aug1.pt").is_file()
     assert not (cache / "synthetic-train_minus_val-backbone-aug2.pt").exists()
-    assert json.loads((cache / "results-linear.json").read_text())["top1"] == lin["top1"]
+    # an augmented 2-epoch probe is not the run's own protocol: stored apart from results-linear.json
+    assert not (cache / "results-linear.json").exists()
+    (saved,) = cache.glob("results-linear-*.json")
+    assert json.loads(saved.read_text())["top1"] == lin["top1"]
 
 
 def test_augmented_passes_are_seeded_and_distinct(ckpt):
@@ -340,6 +404,50 @@ def test_plot_embedding_and_neighbours(ckpt, tmp_path, capsys):
         assert not (tmp_path / "u.png").exists()
 
 
+def test_plot_writes_the_format_of_its_extension(ckpt, tmp_path, capsys, monkeypatch):
+    jpg = tmp_path / "nb.jpg"
+    assert main(["plot", "neighbours", str(ckpt), "--out", str(jpg), "--queries", "2", "--k", "2",
+                 "--device", "cpu"]) == 0
+    assert jpg.read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG bytes under a .jpg name
+    svg = tmp_path / "nb.svg"
+    assert main(["plot", "neighbours", str(ckpt), "--out", str(svg), "--queries", "2", "--k", "2",
+                 "--device", "cpu"]) == 0
+    assert b"<svg" in svg.read_bytes()[:1000]
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation started before --out was checked")
+
+    monkeypatch.setattr(offline_mod.CheckpointEvaluator, "__init__", no_work)
+    assert main(["plot", "embedding", str(ckpt), "--out", str(tmp_path / "e.xyz")]) == 2
+    err = _one_line_error(capsys)
+    assert "e.xyz" in err and ".png" in err and ".jpg" in err
+    assert not (tmp_path / "e.xyz").exists()
+
+
+def test_unwritable_out_is_refused_before_any_work(runs, ckpt, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the evaluation started before --out was checked")
+
+    monkeypatch.setattr(offline_mod.CheckpointEvaluator, "__init__", no_work)
+    for args in (["export", str(ckpt), "--out", f"{blocker}/b.pt"],
+                 ["embed", str(ckpt), "synthetic", "--out", f"{blocker}/f.npy"],
+                 ["plot", "embedding", str(ckpt), "--out", f"{blocker}/e.png"],
+                 ["plot", "neighbours", str(ckpt), "--out", f"{blocker}/n.png"],
+                 ["report", str(runs["simclr"]), "--out", f"{blocker}/report"]):
+        assert main(args) == 2, args
+        err = _one_line_error(capsys)
+        assert f"{blocker}/" in err and "cannot write" in err, err
+
+
+def test_embed_error_names_its_own_flag(ckpt, capsys):
+    assert main(["embed", str(ckpt), "imagefolder", "--device", "cpu"]) == 2
+    err = _one_line_error(capsys)
+    assert "--root" in err and "data.root" not in err, err
+
+
 def test_neighbour_grid_marks_wrong_classes(ckpt, tmp_path):
     from contrastkit.evaluation.plots import plot_neighbours
 
@@ -368,17 +476,47 @@ def test_report_compares_two_runs(runs, tmp_path, capsys):
     rows = _table(md)
     assert [r[0] for r in rows] == ["run_a", "run_b"]
     assert [r[1] for r in rows] == ["simclr", SECOND_METHOD]
-    assert [r[2] for r in rows] == ["-", "-"]  # no plug-ins
-    assert rows[0][3] == "dcl" and rows[1][3] == ("barlow twins" if SECOND_METHOD == "barlow" else "infonce")
+    assert rows[0][2] == "dcl" and rows[1][2] == ("barlow twins" if SECOND_METHOD == "barlow" else "infonce")
     for row, key in zip(rows, ("simclr", "second")):
         res = json.loads((runs[key] / "results.json").read_text())
-        assert row[6] == "64" and row[7] == "2"
-        assert row[8] == f"{res['knn_top1_val']:.2f}" and row[9] == f"{res['knn_top1_test']:.2f}"
-        assert row[12] == f"{res['images_per_sec']:.0f}"
+        assert row[5] == "64" and row[6] == "2"
+        assert row[7] == f"{res['knn_top1_val']:.2f}" and row[8] == f"{res['knn_top1_test']:.2f}"
+        assert row[11] == f"{res['images_per_sec']:.0f}"
     for name in ("loss.png", "knn_top1.png", "lr.png"):
         assert _is_png(out / name), name
         assert f"]({name})" in md
     assert not list(out.glob(".*.tmp"))
+
+
+def test_report_counts_only_the_runs_own_protocol_as_its_linear_top1(runs, tmp_path, capsys):
+    # A 2-epoch transfer probe on another dataset is listed with its settings, never as the run's linear top-1;
+    # the probe on the run's own protocol (its dataset, eval.linear_epochs epochs) is, and is not replaced.
+    from PIL import Image
+
+    run = tmp_path / "run"
+    shutil.copytree(runs["simclr"], run)  # copy2 keeps last.ckpt's mtime
+    ckpt = run / "checkpoints" / "last.ckpt"
+    other = tmp_path / "other"
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (other / split / c).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(other / split / c / f"{i}.png")
+    assert main(["eval", "linear", str(ckpt), "--epochs", "100", "--device", "cpu", "--json"]) == 0
+    own = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", "linear", str(ckpt), "data.name=imagefolder", f"data.root={other}", "data.image_size=16",
+                 "data.options={}", "--epochs", "2", "--device", "cpu"]) == 0
+    assert "not the run's own protocol" in capsys.readouterr().err
+    md = build_report([run], tmp_path / "r").read_text()
+    assert _table(md)[0][9] == f"{own['top1']:.2f} (eval)"
+    other_lines = [ln for ln in md.splitlines() if ln.startswith("- `run`: linear top-1")]
+    assert len(other_lines) == 1 and "on imagefolder test (bank train), 2 epochs, backbone features" in other_lines[0]
+
+    # Without the own-protocol probe, the table has no linear top-1 at all.
+    (ckpt.with_name(ckpt.name + ".features") / "results-linear.json").unlink()
+    md = build_report([run], tmp_path / "r").read_text()
+    assert _table(md)[0][9] == "-" and "Other evaluations" in md
 
 
 def test_report_marks_incomplete_runs_and_refuses_non_runs(runs, tmp_path, capsys):
@@ -387,7 +525,7 @@ def test_report_marks_incomplete_runs_and_refuses_non_runs(runs, tmp_path, capsy
     (running / "results.json").unlink()
     md = build_report([runs["simclr"], running], tmp_path / "r").read_text()
     rows = _table(md)
-    assert len(rows) == 2 and "incomplete" in rows[1][7] and rows[1][8] == "-"
+    assert len(rows) == 2 and "incomplete" in rows[1][6] and rows[1][7] == "-"
     assert "Incomplete runs" in md
 
     (tmp_path / "empty").mkdir()
@@ -403,12 +541,6 @@ def test_metrics_csv_epochs(tmp_path):
     curves = read_metrics_csv(csv)
     assert curves["train/loss"] == [(0.5, 5.0), (1.0, 4.0), (1.5, 3.0), (2.0, 2.0)]
     assert curves["knn/top1"] == [(1.0, 50.0), (2.0, 60.0)]
-
-
-def test_plugins_column():
-    assert plugins_of({"method": {"name": "simclr"}}) == "-"
-    assert plugins_of({"plugins": ["ascl", {"name": "fusion", "alpha": 0.5}]}) == "ascl, fusion"
-    assert plugins_of({"method": {"plugins": {"ascl": {}, "curation": False}}}) == "ascl"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def trained(tmp_path_factory) -> Path:
     ("method.name=barlow", "method.name", "'simclr'", "'barlow'"),
     ("optim.lr=5", "optim.lr", "0.3", "5.0"),
     ("optim.batch_size=32", "optim.batch_size", "64", "32"),
-    ("method.loss=infonce", "method.loss", "'dcl'", "'infonce'"),
+    ("method.loss=dcl", "method.loss", "None", "'dcl'"),  # unset (InfoNCE) in the checkpoint
     ("model.backbone=convnet", "model.backbone", "'small_resnet'", "'convnet'"),
     ("data.options={n: 320, channels: 3}", "data.options", "256", "320"),
     ("train.epochs=1", "train.epochs", "2", "1"),  # fewer epochs than the checkpoint has already trained

@@ -13,7 +13,8 @@ import torch
 
 from contrastkit.checkpoint import load_module
 from contrastkit.config import load_config
-from contrastkit.training.run import final_evaluation, load_labelled_split, load_monitor_sets, train
+from contrastkit.evaluation import final_evaluation
+from contrastkit.training.run import load_labelled_split, load_monitor_sets, train
 
 pytestmark = pytest.mark.slow
 
@@ -60,6 +61,27 @@ def test_final_linear_probe_reuses_the_monitor_features(tiny_overrides, monkeypa
     assert fresh["linear_top1_test"] == res.metrics["linear_top1_test"] == res.metrics["linear_top1"]
     assert fresh["linear_top1_val"] == res.metrics["linear_top1_val"] == res.metrics["linear"]["val_top1"]
     assert fresh["knn_top1_test"] == res.metrics["knn_top1_test"]
+
+
+def test_final_linear_probe_trains_on_the_whole_bank_split(tiny_overrides, monkeypatch):
+    # data.monitor_bank_size shrinks the kNN monitor's bank only; the linear probe trains on the whole labelled
+    # bank split, and results.json says which split and how many images it used.
+    import contrastkit.evaluation as ev
+
+    sizes = []
+    real = ev.linear_probe
+    monkeypatch.setattr(ev, "linear_probe", lambda fb, yb, *a, **k: sizes.append((len(fb), len(yb))) or
+                        real(fb, yb, *a, **k))
+    cfg = load_config(None, tiny_overrides + ["eval.linear=true", "eval.linear_epochs=2", "train.epochs=1",
+                                              "data.monitor_bank_size=100", "eval.baselines=true"])
+    res = train(cfg)
+    bank, val = load_monitor_sets(cfg)
+    n = len(bank)  # train-minus-val: the probe chooses on the val rows and trains its final head on both
+    assert n > 100 and sizes == [(n + len(val), n + len(val))]
+    saved = json.loads((res.run_dir / "results.json").read_text())
+    assert saved["linear"]["train_size"] == n and saved["linear"]["train_split"] == "train-minus-val"
+    assert saved["knn_bank_size"] == 100
+    assert saved["linear_top1"] == res.metrics["linear_top1"]
 
 
 class _StopAfterFirstEpoch(L.Callback):
@@ -131,3 +153,44 @@ def test_ddp_two_cpu_processes(tiny_overrides, tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     # 512 images / 2 ranks / batch 64 = 4 steps per epoch
     assert ckpt["global_step"] == 4
+
+
+class _CaptureModule(L.Callback):
+    def on_train_end(self, trainer, pl_module):
+        self.module = pl_module
+
+
+def test_compile_runs_the_backbone_compiled_and_keeps_plain_names(tiny_overrides):
+    # train.compile=true: the training step's backbone is torch.compile's wrapper; the loss and gradients match the
+    # eager backbone's; checkpoints keep plain parameter names, so export and load_backbone work unchanged.
+    from contrastkit.export import export_backbone, load_backbone
+
+    cap = _CaptureModule()
+    cfg = load_config(None, tiny_overrides + ["train.compile=true", "train.epochs=1", "train.max_steps=3",
+                                              "train.knn_every_n_epochs=0", "eval.knn=false"])
+    res = train(cfg, callbacks=[cap])
+    module = cap.module
+    compiled = module._compiled.get("backbone")
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is module.backbone
+    assert module.method.backbone is module.backbone and not isinstance(module.backbone, type(compiled))
+    keys = list(_weights(res.last_checkpoint))
+    assert keys and not [k for k in keys if "_orig_mod" in k or "_compiled" in k]
+    assert [k for k in keys if k.startswith("method.backbone.")]
+
+    views = [torch.rand(8, 3, 16, 16), torch.rand(8, 3, 16, 16)]
+    grads, losses = {}, {}
+    for on in (True, False):
+        module.cfg.train.compile = on
+        module.zero_grad(set_to_none=True)
+        loss = module.training_loss(views)["loss"]
+        loss.backward()
+        losses[on] = loss.item()
+        grads[on] = torch.cat([p.grad.flatten() for p in module.backbone.parameters()])
+    # inductor's kernels sum in another order than eager's, and the contrastive loss (temperature 0.1) amplifies
+    # float32 rounding in the gradient: agreement to 0.1 % in the loss and 1 % in the gradient, which a detached,
+    # stale or wrong backbone misses by far
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    assert grads[False].norm() > 0 and (grads[True] - grads[False]).norm() <= 1e-2 * grads[False].norm()
+
+    out, _ = export_backbone(res.last_checkpoint, res.run_dir / "backbone.pt")
+    assert load_backbone(out) is not None

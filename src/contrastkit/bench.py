@@ -29,6 +29,12 @@ from contrastkit.training.module import SSLModule, index_loader, steps_per_epoch
 from contrastkit.training.run import _peak_memory_mb, build_trainer, load_split
 
 
+#: Datasets of ``--dataset``: Fashion-MNIST (1x28x28) and synthetic 3x32x32 images.
+BENCH_DATASETS = ("fashion-mnist", "synthetic")
+#: ``--precision`` -> ``train.precision``.
+_PRECISIONS = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -39,7 +45,7 @@ def _bench_config(backbone: str, method: str, dataset: str, batch_size: int, dev
     overrides = [f"model.backbone={backbone}", f"method.name={method}", f"optim.batch_size={batch_size}",
                  f"train.accelerator={'gpu' if device.startswith('cuda') else 'cpu'}", "train.devices=1",
                  "train.knn_every_n_epochs=0", "train.progress_bar=false", "eval.knn=false",
-                 f"train.precision={ {'32': '32-true', 'bf16': 'bf16-mixed', '16': '16-mixed'}[precision] }",
+                 f"train.precision={_PRECISIONS[precision]}",
                  f"train.run_dir=runs/bench-{method}-{backbone}", "data.monitor_bank_split=null",
                  "data.monitor_query_split=null"]
     if backbone.startswith("resnet"):
@@ -105,7 +111,7 @@ def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, ste
         _sync(dev)
         t = time.perf_counter()
         with autocast:
-            loss = module.method.plugins.add_extra_losses(module.method.forward_loss(views, 0.0))["loss"]
+            loss = module.method.plugins.add_extra_losses(module.training_loss(views))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -149,14 +155,36 @@ def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, ste
 
 
 def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100, warmup: int = 10,
-                   device: str = "cpu", methods: list[str] | None = None, dataset: str = "fashion-mnist",
+                   device: str | None = None, methods: list[str] | None = None, dataset: str | None = None,
                    precision: str = "32", as_json: bool = False, overrides: list[str] | None = None,
                    plugins: list[str] | None = None) -> list[dict[str, Any]]:
-    """Run :func:`bench_setting` for each method x backbone. ``small_resnet``/``convnet`` run on ``dataset``;
-    torchvision ResNets run on 3x32x32 synthetic images with the CIFAR stem (the CIFAR setting).
+    """Run :func:`bench_setting` for each method x backbone on ``device`` (default ``None``: CUDA if available,
+    else the CPU). ``dataset`` (``fashion-mnist`` or ``synthetic``) is used for every backbone; by default
+    (``None``) ``small_resnet``/``convnet`` run on Fashion-MNIST and torchvision ResNets on 3x32x32 synthetic images
+    with the CIFAR stem (the CIFAR setting).
 
     ``plugins``: each setting runs twice, side by side: without plug-ins (``plugins.*`` overrides dropped) and
-    with the named plug-ins on (``plugins.NAME={}`` unless ``overrides`` configure them)."""
+    with the named plug-ins on (``plugins.NAME={}`` unless ``overrides`` configure them).
+
+    Raises:
+        ConfigError: ``steps`` < 1, ``warmup`` < 0, ``batch_size`` < 2, an unknown ``dataset`` or ``precision``,
+            or a CUDA device on a machine without one (checked before anything runs).
+    """
+    from contrastkit.errors import ConfigError
+
+    for name, value, low in (("--steps", steps, 1), ("--warmup", warmup, 0), ("--batch-size", batch_size, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"bench {name} must be an integer >= {low}, got {value!r}")
+    if dataset is not None and dataset not in BENCH_DATASETS:
+        raise ConfigError(f"bench --dataset {dataset!r} is not supported; use one of {', '.join(BENCH_DATASETS)}")
+    if precision not in _PRECISIONS:
+        raise ConfigError(f"bench --precision {precision!r}: use one of {', '.join(_PRECISIONS)}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"bench --device {device}: CUDA is not available on this machine; use --device cpu")
+    if torch.device(device).type != "cuda" and precision == "16":
+        raise ConfigError("bench --precision 16 needs a CUDA device; use --precision bf16 or 32 on the CPU")
     base = [o for o in overrides or [] if not o.startswith("plugins")]
     variants = [("-", base)]
     if plugins:
@@ -166,7 +194,7 @@ def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100
     records = []
     for method in methods or ["simclr"]:
         for backbone in backbones:
-            ds = "synthetic" if backbone.startswith("resnet") else dataset
+            ds = dataset or ("synthetic" if backbone.startswith("resnet") else "fashion-mnist")
             for label, ov in variants:
                 r = bench_setting(backbone, method, ds, batch_size, steps, warmup, device, precision, ov)
                 r["plugins"] = label

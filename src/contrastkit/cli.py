@@ -37,8 +37,17 @@ def _print_table(rows: list[tuple[str, str]], title: str) -> None:
         print(f"{name:<{width}}  {value:>8}")
 
 
+def _what_ran(cfg: Any, metrics: dict[str, Any]) -> str:
+    """How much training ran: ``"20 ep"``, or ``"3 steps = 0.15 of 20 ep, train.max_steps"`` when stopped early."""
+    steps, per_epoch = metrics.get("steps"), metrics.get("steps_per_epoch")
+    if not steps or not per_epoch or steps >= per_epoch * cfg.train.epochs:
+        return f"{cfg.train.epochs} ep"
+    return f"{steps} steps = {steps / per_epoch:.2f} of {cfg.train.epochs} ep, train.max_steps"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from contrastkit.config import load_config, to_yaml
+    from contrastkit.methods import loss_name
     from contrastkit.training.run import resume_config, train
 
     overrides = list(args.overrides)
@@ -65,23 +74,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     result = train(cfg)
     m = result.metrics
-    if m.get("knn_top1") is None:
-        print(f"done: {result.run_dir}")
+    ran = _what_ran(cfg, m)
+    if m.get("knn_top1") is None and "linear_top1" not in m:
+        print(f"done ({ran}): {result.run_dir}")
         return 0
-    if "knn_top1_test" in m:  # the single final evaluation on the test split
-        split, top1 = cfg.data.test_split, m["knn_top1_test"]
-    else:  # the monitor's last value
-        split, top1 = cfg.data.monitor_query_split, m["knn_top1"]
-    rows = [(f"{cfg.method.name}+{cfg.method.loss} ({cfg.model.backbone}, {cfg.train.epochs} ep)", f"{top1:.2f}")]
+    final = "knn_top1_test" in m or (m.get("knn_top1") is None and m.get("linear_top1_test") is not None)
+    split = cfg.data.test_split if final else cfg.data.monitor_query_split  # the test split once, at the end
+    top1 = m.get("knn_top1_test") if final else m.get("knn_top1")
+    run = f"{cfg.method.name}+{loss_name(cfg.method)} ({cfg.model.backbone}, {ran})"
+    rows = []
+    if top1 is not None:
+        rows.append((run, f"{top1:.2f}"))
     if "random_init_knn" in m and m.get("final_split") == split:
         rows.append((f"random-init {cfg.model.backbone}", f"{m['random_init_knn']['top1']:.2f}"))
         rows.append(("raw pixels (normalised)", f"{m['raw_pixels_knn']['top1']:.2f}"))
         rows.append(("raw pixels (in [0, 1])", f"{m['raw_pixels_unnormalised_knn']['top1']:.2f}"))
-    linear = m.get("linear_top1_test" if split == cfg.data.test_split else "linear_top1_val")
+    linear = m.get("linear_top1_test" if final else "linear_top1_val")
     if linear is not None:
-        rows.append(("linear probe (trained backbone)", f"{linear:.2f}"))
-    _print_table(rows, f"kNN top-1 on {cfg.data.name} {split} (k={cfg.train.knn_k}, T={cfg.train.knn_temperature}, "
-                       f"cosine; bank {cfg.data.monitor_bank_split})")
+        rows.append((f"linear probe ({run if not rows else 'trained backbone'})", f"{linear:.2f}"))
+    title = (f"kNN top-1 on {cfg.data.name} {split} (k={m.get('knn_k', cfg.train.knn_k)}, "
+             f"T={cfg.train.knn_temperature}, cosine; bank {cfg.data.monitor_bank_split})")
+    _print_table(rows, title if top1 is not None else f"top-1 on {cfg.data.name} {split}")
     if "knn_top1_val" in m and split != cfg.data.monitor_query_split:
         print(f"(validation split {cfg.data.monitor_query_split}: kNN top-1 {m['knn_top1_val']:.2f}"
               + (f", linear {m['linear_top1_val']:.2f}" if m.get("linear_top1_val") is not None else "") + ")")
@@ -108,6 +121,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         res = ev.linear(epochs=args.epochs, augmented=args.augmented, passes=args.aug_passes, kind=kind)
     ev.save_result(res)
     cfg = ev.cfg
+    if not args.json and res["protocol"] != "knn-grid" and not ev.own_protocol(res):
+        print("note: not the run's own protocol (its dataset, backbone features, standard settings): stored as "
+              "another evaluation, which `contrastkit report` lists with its settings", file=sys.stderr)
     where = f"({cfg.data.name} {res['query_split']}, bank {res['bank_split']}, {kind} features)"
     if args.json:
         print(json.dumps(res))
@@ -162,16 +178,19 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from contrastkit.evaluation.plots import plot_embedding, plot_neighbours
+    from contrastkit.evaluation.plots import figure_format, plot_embedding, plot_neighbours
+    from contrastkit.io import writable_file
 
+    out = args.out or (f"embedding-{args.method}.png" if args.plot == "embedding" else "neighbours.png")
+    figure_format(out)  # an unknown extension or an unwritable path is refused before any work
+    writable_file(out, "--out")
     ev = _evaluator(args)
     if args.plot == "embedding":
-        out = args.out or f"embedding-{args.method}.png"
         path = plot_embedding(ev, out, method=args.method, split=args.split, num_points=args.num_points,
                               kind=args.features, seed=args.seed)
         print(f"wrote {path}")
     else:
-        path, info = plot_neighbours(ev, args.out or "neighbours.png", num_queries=args.queries, k=args.k,
+        path, info = plot_neighbours(ev, out, num_queries=args.queries, k=args.k,
                                      query_split=args.split, bank_split=args.bank_split, kind=args.features,
                                      seed=args.seed)
         note = "" if info["precision"] is None else f" ({info['precision']:.1f}% of the neighbours share the class)"
@@ -181,7 +200,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from contrastkit.export import export_backbone
+    from contrastkit.io import writable_file
 
+    writable_file(args.out, "--out")
     weights, side = export_backbone(args.checkpoint, args.out)
     print(f"wrote {weights} (state dict) and {side} (architecture, normalisation); "
           "load with contrastkit.load_backbone() or see the sidecar's 'torchvision' entry")
@@ -189,11 +210,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from contrastkit.errors import DataError
     from contrastkit.export import embed
+    from contrastkit.io import writable_file
 
-    res = embed(args.checkpoint, args.dataset, split=args.split, root=args.root, out=args.out, kind=args.features,
-                image_size=args.image_size, device=args.device, batch_size=args.batch_size,
-                cache=not args.no_cache, progress=True)
+    writable_file(args.out, "--out")
+    try:
+        res = embed(args.checkpoint, args.dataset, split=args.split, root=args.root, out=args.out,
+                    kind=args.features, image_size=args.image_size, device=args.device, batch_size=args.batch_size,
+                    cache=not args.no_cache, progress=True)
+    except DataError as e:  # the loaders name the config key data.root; here the dataset folder is --root
+        raise DataError(str(e).replace("data.root=PATH", "--root PATH").replace("data.root", "--root")) from None
     n, d = res["shape"]
     labels = f", labels in {res['labels']}" if res["labels"] is not None else " (unlabelled split: no labels)"
     print(f"wrote {n} x {d} float32 features to {res['features']}{labels}")
@@ -261,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe = psub.add_parser("embedding", help="2-D map (t-SNE or UMAP) of the embedding, coloured by class")
     pe.add_argument("checkpoint")
     pe.add_argument("--method", choices=["tsne", "umap"], default="tsne")
-    pe.add_argument("--out", help="PNG path (default embedding-METHOD.png)")
+    pe.add_argument("--out", help="picture path; its extension (.png, .jpg, .pdf, .svg, ...) picks the format "
+                                  "(default embedding-METHOD.png)")
     pe.add_argument("--split", help="split to draw (default data.monitor_query_split)")
     pe.add_argument("--num-points", type=int, default=2000, help="random subset size (default 2000)")
     pe.add_argument("--features", choices=["backbone", "projector"], default="backbone")
@@ -270,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     pe.set_defaults(func=cmd_plot)
     pn = psub.add_parser("neighbours", aliases=["neighbors"], help="nearest-neighbour retrieval grid")
     pn.add_argument("checkpoint")
-    pn.add_argument("--out", help="PNG path (default neighbours.png)")
+    pn.add_argument("--out", help="picture path; its extension (.png, .jpg, .pdf, .svg, ...) picks the format "
+                                  "(default neighbours.png)")
     pn.add_argument("--queries", type=int, default=8, help="query images (rows), default 8")
     pn.add_argument("--k", type=int, default=8, help="neighbours per query, default 8")
     pn.add_argument("--split", help="query split (default data.monitor_query_split)")
@@ -303,11 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("overrides", nargs="*", help="extra config overrides, e.g. model.widths=[16,32,64,128]")
     tp.add_argument("--backbone", nargs="+", default=["small_resnet", "resnet18"])
     tp.add_argument("--method", nargs="+", default=["simclr"])
-    tp.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (1x28x28) or synthetic (3x32x32)")
+    tp.add_argument("--dataset", choices=["fashion-mnist", "synthetic"],
+                    help="fashion-mnist (1x28x28) or synthetic (3x32x32), for every backbone (default: fashion-mnist "
+                         "for small_resnet/convnet, synthetic for torchvision ResNets)")
     tp.add_argument("--batch-size", type=int, default=256)
     tp.add_argument("--steps", type=int, default=100)
     tp.add_argument("--warmup", type=int, default=10)
-    tp.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    tp.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     tp.add_argument("--precision", default="32", choices=["32", "bf16", "16"])
     tp.add_argument("--json", action="store_true", help="one JSON record per setting")
     tp.add_argument("--plugin", action="append", default=[], metavar="NAME", dest="plugins",
@@ -329,20 +360,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _add_common_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu",
-                   help="evaluation device (default: cuda if available, else cpu)")
+    p.add_argument("--device", help="evaluation device (default: cuda if available, else cpu)")
     p.add_argument("--batch-size", type=int, default=None, help="feature extraction batch (default eval.batch_size)")
     p.add_argument("--no-cache", action="store_true",
                    help="neither read nor write the feature cache CHECKPOINT.features/")
-
-
-def _cuda() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

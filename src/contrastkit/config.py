@@ -74,12 +74,16 @@ class ModelConfig:
     channels_last: bool = True  #: channels-last memory format (1.2-1.7x faster convs on this CPU, see docs/benchmarks.md; also the fast path on recent GPUs)
 
 
+#: The contrastive loss of simclr/moco/nnclr when ``method.loss`` is unset (InfoNCE, the loss of all three papers).
+DEFAULT_LOSS = "infonce"
+
+
 @dataclass
 class MethodConfig:
     """The SSL method, its loss and its heads. Fields marked with a method name are read by that method only."""
 
     name: str = "simclr"  #: simclr, moco, nnclr, byol, barlow (see contrastkit.methods.METHODS)
-    loss: str = "dcl"  #: contrastive loss of simclr/moco/nnclr: infonce, dcl, dclw
+    loss: str | None = None  #: simclr/moco/nnclr: infonce, dcl, dclw; None = infonce. byol/barlow: None (own loss)
     temperature: float = 0.1  #: softmax temperature of the contrastive loss
     sigma: float = 0.5  #: DCLW weighting temperature
     proj_hidden_dim: int = 512  #: projector hidden width
@@ -97,6 +101,11 @@ class MethodConfig:
     barlow_scale: float = 0.1  #: barlow: loss scale (solo-learn's CIFAR recipe: 0.1)
     gather_distributed: bool = True  #: negatives (and queue keys) from all processes under DDP
     options: dict[str, Any] = field(default_factory=dict)  #: extra method-specific options
+
+    @property
+    def contrastive_loss(self) -> str:
+        """The contrastive loss simclr/moco/nnclr use: ``loss``, or :data:`DEFAULT_LOSS` when unset."""
+        return self.loss or DEFAULT_LOSS
 
 
 @dataclass
@@ -125,22 +134,22 @@ class TrainConfig:
     """Trainer, devices, precision, logging and checkpointing (Lightning)."""
 
     epochs: int = 10  #: training epochs (the schedule length)
-    accelerator: str = "auto"  #: cpu, gpu, auto
+    accelerator: str = "auto"  #: auto, cpu, gpu (CUDA or MPS), cuda, mps
     devices: Any = "auto"  #: devices per node (int or "auto")
     num_nodes: int = 1  #: nodes (Lightning launchers: torchrun, SLURM)
     strategy: str = "auto"  #: auto, ddp, ddp_spawn, ...
-    precision: str = "32-true"  #: 32-true (alias 32), bf16-mixed, 16-mixed
+    precision: str = "32-true"  #: 32-true (alias 32), bf16-mixed, 16-mixed (CUDA only)
     sync_batchnorm: bool = False  #: convert BN to SyncBatchNorm under DDP
     run_dir: str = "runs/default"  #: where checkpoints, logs and results go
     resume: str | None = None  #: checkpoint to resume from ("last" = run_dir/checkpoints/last.ckpt)
-    seed: int = 0  #: global seed (weights, sampling, augmentation)
+    seed: int = 0  #: global seed (weights, sampling, augmentation), in [0, 2**32)
     log_every_n_steps: int = 20  #: logging interval
     knn_every_n_epochs: int = 1  #: kNN monitor interval (0 = off)
     knn_k: int = 200  #: kNN monitor neighbours
     knn_temperature: float = 0.1  #: kNN monitor temperature
     progress_bar: bool = True  #: show the progress bar
     max_steps: int = -1  #: >0: stop after this many optimizer steps (smoke runs); the schedule still spans ``epochs``
-    compile: bool = False  #: torch.compile the backbone
+    compile: bool = False  #: torch.compile the backbone for the training step (not evaluation); see docs/benchmarks.md
     num_threads: int = 0  #: >0: torch.set_num_threads on CPU
     online_linear: bool = False  #: online linear probe on detached backbone features (labelled train_split; logs online_linear/acc)
     online_linear_lr: float = 0.1  #: learning rate of the online linear probe (SGD, momentum 0.9, no weight decay)
@@ -175,8 +184,17 @@ class Config:
     def validate(self) -> Config:
         """Check values and ranges; raise :class:`ConfigError` naming the key."""
         from contrastkit.losses import LOSSES
+        from contrastkit.methods import METHODS
 
-        _check(self.method.loss in LOSSES, "method.loss", self.method.loss, "one of " + ", ".join(sorted(LOSSES)))
+        _check(self.method.loss is None or self.method.loss in LOSSES, "method.loss", self.method.loss,
+               "one of " + ", ".join(sorted(LOSSES)) + " or null")
+        method = METHODS.get(self.method.name)
+        if method is not None and method.two_views and self.views.num_views != 2:
+            raise ConfigError(f"method {self.method.name} uses exactly 2 views, got views.num_views="
+                              f"{self.views.num_views}; set views.num_views=2")
+        if method is not None and method.own_loss and self.method.loss is not None:
+            raise ConfigError(f"method.loss={self.method.loss} does not apply to {self.method.name}, which has its own "
+                              f"loss ({method.own_loss}); remove method.loss or choose simclr, moco or nnclr")
         _check(self.method.queue_size >= 1, "method.queue_size", self.method.queue_size, ">= 1")
         _check(0 <= self.method.momentum_base <= 1, "method.momentum_base", self.method.momentum_base, "in [0, 1]")
         _check(0 <= self.method.momentum_final <= 1, "method.momentum_final", self.method.momentum_final,
@@ -202,22 +220,98 @@ class Config:
         _check(self.views.num_views >= 2, "views.num_views", self.views.num_views, ">= 2")
         _check(self.views.crop_size is None or self.views.crop_size >= 8, "views.crop_size", self.views.crop_size,
                ">= 8 or null")
-        precisions = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
-        _check(str(self.train.precision) in precisions, "train.precision", self.train.precision,
-               "one of " + ", ".join(precisions))
+        _check(0 <= self.optim.momentum < 1, "optim.momentum", self.optim.momentum, "in [0, 1)")
+        _check(len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas), "optim.betas",
+               self.optim.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
+        _check(self.optim.lars_eta > 0, "optim.lars_eta", self.optim.lars_eta, "> 0")
+        _check(self.optim.gradient_clip_val >= 0, "optim.gradient_clip_val", self.optim.gradient_clip_val,
+               ">= 0 (0 = no clipping)")
+        _check(self.optim.predictor_lr_factor > 0, "optim.predictor_lr_factor", self.optim.predictor_lr_factor,
+               "> 0")
+        # bf16-true / 64-true would cast the weights but not the views (made in float32 on the device): refused
+        _check(str(self.train.precision) in PRECISIONS, "train.precision", self.train.precision,
+               "one of " + ", ".join(PRECISIONS))
+        _check(self.train.accelerator in ACCELERATORS, "train.accelerator", self.train.accelerator,
+               "one of " + ", ".join(ACCELERATORS))
+        _check(_valid_devices(self.train.devices), "train.devices", self.train.devices,
+               "a number of devices >= 1, -1 (all), 'auto', or a list of device indices like [0, 1]")
+        _check(self.train.num_nodes >= 1, "train.num_nodes", self.train.num_nodes, ">= 1")
+        _check(0 <= self.train.seed < 2**32, "train.seed", self.train.seed, "an integer in [0, 2**32)")
+        _check(self.train.max_steps == -1 or self.train.max_steps >= 1, "train.max_steps", self.train.max_steps,
+               ">= 1, or -1 for no limit (train.epochs decides)")
+        _check(self.train.knn_every_n_epochs >= 0, "train.knn_every_n_epochs", self.train.knn_every_n_epochs,
+               ">= 0 (0 = no kNN monitor)")
+        _check(self.train.log_every_n_steps >= 1, "train.log_every_n_steps", self.train.log_every_n_steps, ">= 1")
+        _check(self.train.num_threads >= 0, "train.num_threads", self.train.num_threads, ">= 0 (0 = torch's default)")
         _check(self.data.val_size is None or self.data.val_size >= 1, "data.val_size", self.data.val_size,
                ">= 1 or null (the dataset's default)")
         _check(self.data.val_seed >= 0, "data.val_seed", self.data.val_seed, ">= 0")
         _check(self.train.knn_k >= 1, "train.knn_k", self.train.knn_k, ">= 1")
         _check(self.train.knn_temperature > 0, "train.knn_temperature", self.train.knn_temperature, "> 0")
-        _check(self.model.stem_stride in (1, 2), "model.stem_stride", self.model.stem_stride, "1 or 2")
-        _check(self.train.log_every_n_steps >= 1, "train.log_every_n_steps", self.train.log_every_n_steps, ">= 1")
         _check(self.eval.batch_size >= 1, "eval.batch_size", self.eval.batch_size, ">= 1")
         _check(self.eval.linear_epochs >= 1, "eval.linear_epochs", self.eval.linear_epochs, ">= 1")
+        _check(self.data.monitor_bank_size >= 0, "data.monitor_bank_size", self.data.monitor_bank_size,
+               ">= 0 (0 = the whole split)")
+        _check(self.data.image_size is None or self.data.image_size >= 1, "data.image_size", self.data.image_size,
+               ">= 1 or null")
+        if (self.eval.linear or self.eval.baselines) and not (self.data.monitor_bank_split and
+                                                              self.data.monitor_query_split):
+            which = "eval.linear" if self.eval.linear else "eval.baselines"
+            raise ConfigError(f"{which}=true needs labelled splits, but data.monitor_bank_split/monitor_query_split "
+                              f"is null; set them (e.g. train and test) or set {which}=false")
+        _check(self.model.stem_stride in (1, 2), "model.stem_stride", self.model.stem_stride, "1 or 2")
         from contrastkit.plugins import check_plugins
 
         check_plugins(self)  # unknown plug-ins, bad options, incompatible hosts
         return self
+
+
+#: Accepted ``train.precision`` values.
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed")
+#: Accepted ``train.accelerator`` values (Lightning's names; "gpu" is CUDA or Apple MPS).
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+def _valid_devices(devices: Any) -> bool:
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, str):
+        if devices == "auto":
+            return True
+        try:
+            return _valid_devices(int(devices)) if "," not in devices else _valid_devices(
+                [int(d) for d in devices.split(",") if d.strip()])
+        except ValueError:
+            return False
+    if isinstance(devices, list):
+        return bool(devices) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices)
+    return False
+
+
+def check_devices(cfg: Config) -> None:
+    """Check that the machine has what ``cfg.train`` asks for (run before anything is loaded or written).
+
+    Raises :class:`ConfigError` for ``train.accelerator=gpu``/``cuda``/``mps`` without such a device, more
+    ``train.devices`` than it has, and ``train.precision=16-mixed`` without CUDA (on the CPU Lightning would
+    silently run bf16-mixed instead)."""
+    import torch
+
+    t = cfg.train
+    cuda, mps = torch.cuda.is_available(), bool(getattr(torch.backends, "mps", None) and
+                                                 torch.backends.mps.is_available())
+    wanted = {"gpu": cuda or mps, "cuda": cuda, "mps": mps}
+    if t.accelerator in wanted and not wanted[t.accelerator]:
+        raise ConfigError(f"train.accelerator={t.accelerator} but this machine has no such device "
+                          f"(torch.cuda.is_available() is {cuda}); use train.accelerator=cpu or auto")
+    on_cuda = cuda and t.accelerator in ("auto", "gpu", "cuda")
+    if str(t.precision) == "16-mixed" and not on_cuda:
+        raise ConfigError("train.precision=16-mixed needs a CUDA GPU (on the CPU Lightning would run bf16-mixed "
+                          "instead); use train.precision=bf16-mixed or 32-true")
+    if on_cuda and isinstance(t.devices, int) and t.devices > torch.cuda.device_count():
+        raise ConfigError(f"train.devices={t.devices} but this machine has {torch.cuda.device_count()} CUDA "
+                          "device(s); lower train.devices")
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -345,6 +439,16 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def yaml_error(error: yaml.YAMLError) -> str:
+    """A PyYAML error in one line with its position, e.g. ``line 3, column 7: mapping values are not allowed
+    here`` (PyYAML's own message spreads it over several lines)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or (str(error).splitlines() or [type(error).__name__])[0]
+    context = getattr(error, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}" + (f" ({context})" if context else "")
+
+
 def read_yaml_mapping(path: str | Path, kind: str, missing_hint: str, shape: str) -> dict[str, Any]:
     """Read the YAML file ``path`` that must hold a mapping (an empty file gives ``{}``).
 
@@ -357,7 +461,7 @@ def read_yaml_mapping(path: str | Path, kind: str, missing_hint: str, shape: str
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{kind} file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{kind} file {str(p)!r} is not valid YAML: {yaml_error(e)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{kind} file {str(p)!r} must be {shape}")
     return data
@@ -386,6 +490,11 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     cfg = Config()
     for section, values in data.items():
         _apply(cfg, section, values)
+    from contrastkit.methods import METHODS
+
+    own = METHODS[cfg.method.name].own_loss if cfg.method.name in METHODS else None
+    if own and cfg.method.loss == "dcl":
+        cfg.method.loss = None  # saved when method.loss defaulted to dcl for every method; byol/barlow never read it
     return cfg.validate()
 
 

@@ -17,8 +17,8 @@
       m.eval()   # inputs: float in [0, 1], normalised with info["mean"], info["std"], info["input_size"] px
 
   Without the CIFAR stem and with ``in_channels != 3``, ``conv1`` is ``nn.Conv2d(in_channels, 64, 7, 2, 3,
-  bias=False)`` and the max-pool stays. For ``small_resnet``: ``SmallResNet(**info["args"])`` from
-  ``contrastkit.models``.
+  bias=False)`` and the max-pool stays. For ``small_resnet`` and ``convnet``: ``SmallResNet(**info["args"])`` or
+  ``ConvNet(**info["args"])`` from ``contrastkit.models``.
 * :func:`load_backbone` returns the ready backbone (``nn.Module`` in eval mode) from an export or from a training
   checkpoint; :func:`read_backbone_info` returns its :class:`BackboneInfo` (architecture, normalisation).
 * :func:`embed` writes the features of a dataset split as ``.npy`` (+ ``.labels.npy``) or ``.npz``.
@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from contrastkit.errors import ContrastkitError, DataError
 from contrastkit.io import atomic_write, write_text_atomic
+from contrastkit.models.backbones import backbone_args
 
 EXPORT_FORMAT = "contrastkit-backbone"
 EXPORT_VERSION = 1
@@ -51,14 +52,16 @@ class BackboneInfo:
     """What a user of an exported backbone needs besides the weights (the JSON sidecar).
 
     Attributes:
-        architecture: ``small_resnet``, ``resnet18`` or ``resnet50``.
-        args: keyword arguments of :func:`contrastkit.models.build_backbone` besides the name: ``in_channels``,
-            ``cifar_stem`` (torchvision ResNets) or ``widths``, ``blocks``, ``stem_stride`` (small_resnet).
+        architecture: ``small_resnet``, ``convnet``, ``resnet18`` or ``resnet50``.
+        args: keyword arguments of :func:`contrastkit.models.build_backbone` besides the name
+            (:data:`contrastkit.models.BACKBONE_ARGS`): ``in_channels``, ``cifar_stem`` (torchvision ResNets);
+            ``in_channels``, ``widths``, ``blocks``, ``stem_stride`` (small_resnet); ``in_channels``, ``widths``
+            (convnet). They are also the class's own arguments: ``SmallResNet(**args)``, ``ConvNet(**args)``.
         feature_dim: output width D of the backbone.
         mean, std: per-channel input normalisation on the 0-1 pixel scale (the training set's statistics).
         input_size: side of the square input the backbone was trained on (the training crop size).
         dataset: training dataset name. method: SSL method. source: the checkpoint it came from.
-        torchvision: how to build the matching torchvision model (``None`` for small_resnet).
+        torchvision: how to build the matching torchvision model (``None`` for small_resnet and convnet).
     """
 
     architecture: str
@@ -107,27 +110,29 @@ def _info_from_hparams(hp: dict[str, Any], source: str) -> BackboneInfo:
         raise ContrastkitError(f"{source!r} has no contrastkit hyper-parameters; was it written by contrastkit?")
     cfg = config_from_dict(hp["config"])
     m = cfg.model
-    in_channels = int(hp["in_channels"])
-    if m.backbone == "small_resnet":
-        args: dict[str, Any] = {"in_channels": in_channels, "widths": list(m.widths), "blocks": m.blocks,
-                                "stem_stride": m.stem_stride}
-        tv = None
-    else:
-        args = {"in_channels": in_channels, "cifar_stem": bool(m.cifar_stem)}
-        if m.cifar_stem:
-            conv1 = f"nn.Conv2d({in_channels}, 64, kernel_size=3, stride=1, padding=1, bias=False)"
-        elif in_channels != 3:
-            conv1 = f"nn.Conv2d({in_channels}, 64, kernel_size=7, stride=2, padding=3, bias=False)"
-        else:
-            conv1 = "unchanged"
-        tv = {"constructor": f"torchvision.models.{m.backbone}(weights=None)", "conv1": conv1,
-              "maxpool": "nn.Identity()" if m.cifar_stem else "unchanged", "fc": "nn.Identity()"}
-    dim = {"resnet18": 512, "resnet50": 2048}.get(m.backbone, m.widths[-1] if m.widths else 0)
+    args = backbone_args(m.backbone, m, int(hp["in_channels"]))
+    tv = _torchvision_recipe(m.backbone, args) if m.backbone in ("resnet18", "resnet50") else None
+    dim = {"resnet18": 512, "resnet50": 2048}.get(m.backbone) or args["widths"][-1]
     return BackboneInfo(
         architecture=m.backbone, args=args, feature_dim=int(dim), mean=[float(v) for v in hp["mean"]],
         std=[float(v) for v in hp["std"]], input_size=int(cfg.views.crop_size or hp["image_size"]),
         dataset=cfg.data.name, method=cfg.method.name, source=source, torchvision=tv,
     )
+
+
+def _torchvision_recipe(name: str, args: dict[str, Any]) -> dict[str, str]:
+    """How to build the torchvision model an exported ResNet's weights load into: Python expressions (``nn`` is
+    ``torch.nn``) for the constructor and for the modules that replace ``conv1``/``maxpool``/``fc``, or
+    ``"unchanged"``; the same changes :func:`contrastkit.models.build_backbone` makes."""
+    c = args["in_channels"]
+    if args["cifar_stem"]:
+        conv1 = f"nn.Conv2d({c}, 64, kernel_size=3, stride=1, padding=1, bias=False)"
+    elif c != 3:
+        conv1 = f"nn.Conv2d({c}, 64, kernel_size=7, stride=2, padding=3, bias=False)"
+    else:
+        conv1 = "unchanged"
+    return {"constructor": f"torchvision.models.{name}(weights=None)", "conv1": conv1,
+            "maxpool": "nn.Identity()" if args["cifar_stem"] else "unchanged", "fc": "nn.Identity()"}
 
 
 def _backbone_state(state_dict: dict[str, Tensor], source: str) -> dict[str, Tensor]:

@@ -5,9 +5,11 @@ For every run directory (written by :func:`contrastkit.training.train`) it reads
 * ``RUN_DIR/config.yaml``: method, plug-ins, loss, backbone, dataset, batch size, epochs;
 * ``RUN_DIR/results.json``: kNN top-1, linear top-1 (``eval.linear=true``), time per epoch, images/s, peak memory.
   A linear-probe result of ``contrastkit eval linear RUN_DIR/checkpoints/last.ckpt`` is used when ``results.json``
-  has none (it is stored in ``last.ckpt.features/results-linear.json`` and only counts while ``last.ckpt`` is
-  unchanged). A run without ``results.json`` (still running, interrupted or failed) is marked *incomplete*: its
-  curves are drawn, its final numbers are ``-``;
+  has none, if it is on the run's own protocol (its dataset and splits, backbone features, ``eval.linear_epochs``
+  epochs, no augmentation; see :meth:`~contrastkit.evaluation.offline.CheckpointEvaluator.own_protocol`) and
+  ``last.ckpt`` is unchanged since; other saved evaluations (a transfer probe on another dataset, a 2-epoch probe)
+  are listed below the table with their settings, never as the run's linear top-1. A run without ``results.json``
+  (still running, interrupted or failed) is marked *incomplete*: its curves are drawn, its final numbers are ``-``;
 * ``RUN_DIR/logs/csv/metrics.csv`` (Lightning's CSV log): the training curves ``train/loss``, ``knn/top1`` and
   ``train/lr``, plotted for all runs on shared axes against the epoch (fractional for per-step values:
   ``(step + 1) / steps_per_epoch``; kNN values at the end of their epoch).
@@ -30,8 +32,9 @@ from typing import Any
 
 import yaml
 
+from contrastkit.config import yaml_error
 from contrastkit.errors import ContrastkitError
-from contrastkit.io import write_text_atomic
+from contrastkit.io import writable_folder, write_text_atomic
 
 #: The curves of the report: CSV column -> (file stem, title, y label).
 CURVES: dict[str, tuple[str, str, str]] = {
@@ -44,8 +47,6 @@ CURVES: dict[str, tuple[str, str, str]] = {
 }
 #: Curves drawn only when some run logged them (optional monitors and plug-ins).
 _OPTIONAL = ("online_linear", "train/ascl_")
-#: Methods whose loss is fixed by the method (``method.loss`` applies to simclr, moco and nnclr only).
-_OWN_LOSS = {"byol": "byol (cosine)", "barlow": "barlow twins"}
 
 
 @dataclass
@@ -59,6 +60,8 @@ class RunSummary:
         linear_top1: linear-probe top-1 from ``results.json`` or a saved ``eval linear`` result (``None``: none).
         linear_source: ``"results.json"``, ``"eval"`` or ``None``.
         linear_split: the split ``linear_top1`` was measured on (``None``: the run's ``data.monitor_query_split``).
+        other_evaluations: saved ``contrastkit eval linear`` records that are not on the run's own protocol (another
+            dataset, other probe settings, projector features): listed with their settings, never in the table.
     """
 
     path: Path
@@ -69,6 +72,7 @@ class RunSummary:
     linear_top1: float | None = None
     linear_source: str | None = None
     linear_split: str | None = None
+    other_evaluations: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -125,9 +129,10 @@ def read_metrics_csv(path: str | Path) -> dict[str, list[tuple[float, float]]]:
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ContrastkitError(f"cannot read {str(path)!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                               ) from None
+    except yaml.YAMLError as e:
+        raise ContrastkitError(f"{str(path)!r} is not valid YAML: {yaml_error(e)}") from None
+    except OSError as e:
+        raise ContrastkitError(f"cannot read {str(path)!r}: {e.strerror or type(e).__name__}") from None
     if not isinstance(data, dict):
         raise ContrastkitError(f"{str(path)!r} is not a contrastkit config (not a mapping)")
     return data
@@ -157,11 +162,14 @@ def load_run(run_dir: str | Path, name: str | None = None) -> RunSummary:
     if results is not None and isinstance(results.get("linear_top1"), (int, float)):
         run.linear_top1, run.linear_source = float(results["linear_top1"]), "results.json"
         run.linear_split = "test" if "linear_top1_test" in results else None
-    else:
-        from contrastkit.evaluation.offline import load_saved_result
+    from contrastkit.evaluation.offline import saved_results
 
-        saved = load_saved_result(p / "checkpoints" / "last.ckpt", "linear")
-        if saved is not None and isinstance(saved.get("top1"), (int, float)):
+    for saved in saved_results(p / "checkpoints" / "last.ckpt", "linear"):
+        if not isinstance(saved.get("top1"), (int, float)):
+            continue
+        if not saved.get("own_protocol"):
+            run.other_evaluations.append(saved)
+        elif run.linear_top1 is None:
             run.linear_top1, run.linear_source = float(saved["top1"]), "eval"
             run.linear_split = saved.get("query_split")
     return run
@@ -195,24 +203,31 @@ def split_metrics(run: RunSummary) -> dict[str, float | None]:
     return out
 
 
+def describe_evaluation(record: dict[str, Any]) -> str:
+    """One evaluation record in words with its settings, e.g. ``linear top-1 41.20 on cifar10 test (bank train),
+    2 epochs, backbone features``."""
+    words = [f"{record.get('protocol', '?')} top-1 {_fmt(record.get('top1'))} on {record.get('dataset', '?')} "
+             f"{record.get('query_split', '?')} (bank {record.get('bank_split', '?')})"]
+    if record.get("epochs") is not None:
+        words.append(f"{record['epochs']} epochs")
+    if record.get("augmented"):
+        words.append(f"{record['augmented'].get('passes', '?')} augmented passes")
+    if record.get("k") is not None:
+        words.append(f"k={record['k']}, T={record.get('temperature')}, {record.get('metric', 'cosine')}")
+    words.append(f"{record.get('features', '?')} features")
+    return ", ".join(words)
+
+
 def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     sec = cfg.get(name)
     return sec if isinstance(sec, dict) else {}
 
 
 def plugins_of(cfg: dict[str, Any]) -> str:
-    """The plug-ins of a config (a top-level ``plugins`` section or ``method.plugins``), or ``-``."""
-    raw = cfg.get("plugins", _section(cfg, "method").get("plugins"))
-    if not raw:
-        return "-"
-    if isinstance(raw, dict):
-        names = [str(k) for k, v in raw.items() if v not in (False, None) and not (isinstance(v, dict) and
-                                                                                  v.get("enabled") is False)]
-    elif isinstance(raw, (list, tuple)):
-        names = [str(x.get("name", x)) if isinstance(x, dict) else str(x) for x in raw]
-    else:
-        names = [str(raw)]
-    return ", ".join(names) if names else "-"
+    """The plug-ins a run trained with (the names of its ``plugins`` section, see :mod:`contrastkit.plugins`), or
+    ``-``."""
+    raw = cfg.get("plugins")
+    return ", ".join(sorted(map(str, raw))) if isinstance(raw, dict) and raw else "-"
 
 
 def _fmt(v: Any, spec: str = ".2f", unit: str = "") -> str:
@@ -235,7 +250,11 @@ def table_row(run: RunSummary) -> list[str]:
     cfg, res = run.config, run.results or {}
     method, optim, train_ = _section(cfg, "method"), _section(cfg, "optim"), _section(cfg, "train")
     name = str(method.get("name", "-"))
-    loss = _OWN_LOSS.get(name, str(method.get("loss", "-")))
+    from contrastkit.config import DEFAULT_LOSS
+    from contrastkit.methods import METHODS
+
+    own = METHODS[name].own_loss if name in METHODS else None
+    loss = own or str(method.get("loss") or DEFAULT_LOSS)  # method.loss applies to simclr, moco and nnclr only
     batch = res.get("batch_size", optim.get("batch_size", "-"))
     world = res.get("world_size", 1)
     batch_s = f"{batch}" if not isinstance(world, int) or world <= 1 else f"{batch} x {world}"
@@ -290,7 +309,7 @@ def plot_curves(runs: list[RunSummary], column: str, out: Path) -> Path | None:
         label = run.name + ("" if run.complete else " (incomplete)")
         marker = "o" if not column.startswith("train/") or len(points) < 30 else None
         ax.plot(xs, ys, label=label, marker=marker, markersize=3, linewidth=1.4)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epochs trained")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
@@ -310,11 +329,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path = "report") -> 
         raise ContrastkitError("give at least one run directory")
     paths = [Path(p) for p in run_dirs]
     runs = [load_run(p, n) for p, n in zip(paths, _unique_names(paths))]
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ContrastkitError(f"cannot create the report folder {str(out)!r} ({e.strerror})") from None
+    out = writable_folder(out_dir, "report folder")
 
     lines = [
         "# contrastkit run comparison",
@@ -333,11 +348,17 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path = "report") -> 
         "by default; bank `data.monitor_bank_split`, `train.knn_k`, `train.knn_temperature`). kNN test: the single "
         "final kNN top-1 on `data.test_split` (older runs that monitored the test split show that value here). "
         "Linear test: `eval.linear=true` at the end of training (hyper-parameters chosen on the validation split), "
-        "or `(eval)`: a later `contrastkit eval linear` of `checkpoints/last.ckpt` on the test split. "
+        "or `(eval)`: a later `contrastkit eval linear` of `checkpoints/last.ckpt` on the run's own protocol (its "
+        "dataset and splits, backbone features, `eval.linear_epochs` epochs, no augmentation). "
         "Time / epoch and images/s: training only (monitors excluded). Peak memory: CUDA max allocated on a GPU, "
         "the process's peak RSS on the CPU.",
         "",
     ]
+    others = [(r, rec) for r in runs for rec in r.other_evaluations]
+    if others:
+        lines += ["**Other evaluations** (not on the run's own protocol, so not in the table):", ""]
+        lines += [f"- `{r.name}`: {describe_evaluation(rec)}" for r, rec in others]
+        lines.append("")
     incomplete = [r for r in runs if not r.complete]
     if incomplete:
         lines += ["**Incomplete runs** (no `results.json`: still running, interrupted or failed): "

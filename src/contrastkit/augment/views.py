@@ -256,19 +256,27 @@ def _to_unit_float(images: Tensor, num_stats: int) -> Tensor:
     return images
 
 
-def normalize_uint8(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """Evaluation-time preprocessing: ``(images / 255 - mean) / std`` per channel.
+def normalize_uint8(images: Tensor, mean: Sequence[float], std: Sequence[float], size: int | None = None) -> Tensor:
+    """Evaluation-time preprocessing: ``(images / 255 - mean) / std`` per channel, optionally resized first.
+
+    The one uint8 -> normalised float path of evaluation (feature extraction, the online linear probe); the
+    training views normalise the same way after augmenting (:class:`ViewGenerator`).
 
     Args:
         images: uint8 BxCxHxW on any device (a float batch in [0, 1] is accepted and kept in its dtype).
         mean: C per-channel means in [0, 1] pixel units.
         std: C per-channel standard deviations in [0, 1] pixel units, > 0.
+        size: resize the [0, 1] images to ``size x size`` (bilinear, antialiased) before normalising, when they
+            have another size. Default None (keep H x W).
 
     Returns:
-        float32 BxCxHxW on the images' device.
+        float32 BxCxHxW (BxCxsizexsize) on the images' device.
     """
     mean_t, std_t = _check_stats(mean, std)
     x = _to_unit_float(images, len(mean_t))
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                                            antialias=True)
     m, s = AF.channel_stats(mean_t, std_t, x.device, x.dtype)  # 1xCx1x1 each
     if x is images:
         return (x - m) / s

@@ -10,7 +10,7 @@ normalisation happen later, batched on the training device.
 (torch.Size([256, 3, 32, 32]), torch.Size([256]))
 """
 
-from contrastkit.data.base import ImageTensors, IndexLike
+from contrastkit.data.tensors import ImageTensors, IndexLike
 from contrastkit.data.registry import available_datasets, dataset_options, dataset_splits, load_dataset
 
 __all__ = [

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from contrastkit.data.base import ImageTensors, one_line, resize_images, tensor_from_numpy
+from contrastkit.data.options import one_line
+from contrastkit.data.tensors import ImageTensors, resize_images, tensor_from_numpy
 from contrastkit.errors import DataError
 
 __all__ = ["SPLITS", "load_cifar"]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from contrastkit.data.base import ImageTensors, one_line, resize_images, tensor_from_numpy
+from contrastkit.data.options import one_line
+from contrastkit.data.tensors import ImageTensors, resize_images, tensor_from_numpy
 from contrastkit.errors import DataError
 
 __all__ = ["CLASSES", "DEFAULT_ROOT", "SPLITS", "load_fashion_mnist", "read_idx"]

@@ -10,7 +10,8 @@ Layouts (hidden files and folders, whose names start with ``.``, are ignored eve
   a split lacks a class. Without these sub-folders the root itself is the ``train`` split and there is no other.
 
 Image files are those with the extensions in :data:`IMAGE_EXTENSIONS` (any case). Each image is converted to RGB
-(or L with ``channels=1``), resized so that its shorter side is ``image_size`` and center-cropped to
+(or L with ``channels=1``; alpha is dropped, 16-bit greyscale is scaled to 8 bits, 32-bit integer and float images
+are refused with a :class:`DataError` naming the file and its mode), resized so that its shorter side is ``image_size`` and center-cropped to
 ``image_size x image_size`` (bicubic, antialiased; JPEGs are decoded at a reduced scale when much larger). The result
 is written as ``<key>.images.npy`` (``N x C x S x S`` uint8), ``<key>.labels.npy`` (``N`` int64, labelled only) and
 ``<key>.json`` into the cache folder, and read back with ``np.load(mmap_mode="r")``: the returned ``images`` is a
@@ -35,16 +36,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from contrastkit.data.base import (
-    ImageTensors,
-    check_int,
-    create_npy,
-    digest,
-    one_line,
-    prune_cache,
-    resolve_cache_dir,
-    tensor_from_numpy,
-)
+from contrastkit.data.cache import create_npy, digest, prune_cache, resolve_cache_dir
+from contrastkit.data.options import check_int, one_line
+from contrastkit.data.tensors import ImageTensors, tensor_from_numpy
 from contrastkit.errors import DataError
 from contrastkit.io import atomic_write
 
@@ -57,7 +51,9 @@ DEFAULT_IMAGE_SIZE = 64
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 )
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: 16-bit greyscale scaled to 8 bits instead of clipped
+#: Pillow modes of 16-bit greyscale images (scaled to 8 bits on decode)
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 _BATCH = 512  # files decoded per pool round: bounds the work left running after a decode error
 
 # (path relative to the split folder, size in bytes, mtime in ns, label or -1)
@@ -154,19 +150,46 @@ def _split_folder(root: Path, split: str) -> tuple[Path, list[str] | None]:
     return root, None
 
 
+def _eight_bit(img: Image.Image, path: Path) -> Image.Image:
+    """``img`` with 8-bit channels: 16-bit greyscale scaled to L (``round(v / 257)``); 32-bit modes refused.
+
+    Pillow's own ``convert("L")`` of a 16-bit image clips every value above 255 (most of a 16-bit image turns
+    white), so 16-bit greyscale is scaled here. Pillow opens 16-bit greyscale PNG/TIFF as ``I;16*`` and PGM with a
+    maximum value above 255 as ``I`` scaled to 0..65535; other ``I`` (32-bit integer) and ``F`` (float) images have
+    no known value range and are refused. 16-bit RGB(A) and LA PNGs already open as 8-bit modes in Pillow.
+    """
+    if img.mode in _SIXTEEN_BIT_MODES or (img.mode == "I" and img.format == "PPM"):
+        pixels = np.asarray(img, dtype=np.float64)  # H x W in [0, 65535]
+        return Image.fromarray(np.rint(pixels / 257.0).astype(np.uint8))
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise DataError(f"image {path} has Pillow mode {img.mode} ({kind} pixels of unknown range); save it with "
+                        "8- or 16-bit channels (e.g. PNG) or remove it")
+    return img
+
+
 def _decode(path: Path, size: int, mode: str) -> np.ndarray:
-    """Decode one image to a ``C x size x size`` uint8 array (resize shorter side, center-crop)."""
+    """Decode one image to a ``C x size x size`` uint8 array (resize shorter side, center-crop).
+
+    Any Pillow mode with 8-bit channels, and 16-bit greyscale, is accepted (see :func:`_eight_bit`); alpha is
+    dropped, palette and CMYK/YCbCr/LAB images are converted by Pillow."""
     try:
         with Image.open(path) as img:
             img.draft(mode, (size, size))  # JPEG only: decode at 1/2, 1/4 or 1/8 scale if still >= size
+            img = _eight_bit(img, path)
             if img.mode == "P" and "transparency" in img.info:
                 img = img.convert("RGBA")
-            img = img.convert(mode)
+            try:
+                img = img.convert(mode)
+            except ValueError:  # no direct conversion (e.g. LAB -> L): through RGB
+                img = img.convert("RGB").convert(mode)
             w, h = img.size
             side = min(w, h)
             left, top = (w - side) / 2, (h - side) / 2
             img = img.resize((size, size), Image.Resampling.BICUBIC, box=(left, top, left + side, top + side))
             arr = np.asarray(img, dtype=np.uint8)  # S x S (L) or S x S x 3 (RGB)
+    except DataError:
+        raise
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, DecompressionBombError, ...)
         raise DataError(f"cannot decode image {path}: {one_line(e)}; remove or replace the file") from e
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)  # C x S x S

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from contrastkit.data.base import ImageTensors, check_image_size
+from contrastkit.data.options import check_image_size
+from contrastkit.data.tensors import ImageTensors
 from contrastkit.data.cifar import load_cifar
 from contrastkit.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST_ROOT
 from contrastkit.data.fashion_mnist import load_fashion_mnist

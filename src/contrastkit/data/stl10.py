@@ -33,16 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from contrastkit.data.base import (
-    ImageTensors,
-    create_npy,
-    digest,
-    one_line,
-    prune_cache,
-    resize_images,
-    resolve_cache_dir,
-    tensor_from_numpy,
-)
+from contrastkit.data.cache import create_npy, digest, prune_cache, resolve_cache_dir
+from contrastkit.data.options import one_line
+from contrastkit.data.tensors import ImageTensors, resize_images, tensor_from_numpy
 from contrastkit.errors import DataError
 from contrastkit.io import atomic_write
 

@@ -22,7 +22,8 @@ import math
 
 import torch
 
-from contrastkit.data.base import ImageTensors, check_int
+from contrastkit.data.options import check_int
+from contrastkit.data.tensors import ImageTensors
 from contrastkit.errors import DataError
 
 __all__ = ["FILLS", "MAX_CLASSES", "SHAPES", "SPLITS", "load_synthetic", "render"]

@@ -7,12 +7,12 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from contrastkit.augment.views import normalize_uint8
 from contrastkit.errors import ConfigError, DataError
-from contrastkit.evaluation._checks import positive_int, resolve_device
+from contrastkit.validation import positive_int, resolve_device
 
 
 def _model_device(model: nn.Module) -> torch.device | None:
@@ -73,8 +73,8 @@ def extract_features(
 
     Raises:
         DataError: ``images`` is not a non-empty 4-D uint8 tensor.
-        ConfigError: bad ``mean``/``std``/``batch_size``/``size``/``device``, a model on another device, or a model
-            that does not return a B x D tensor.
+        ConfigError: bad ``mean``/``std``/``batch_size``/``size``/``device``, or a model on another device.
+        ValueError: a model that does not return a B x D tensor (a programming error, raised with its traceback).
     """
     if not isinstance(images, Tensor):
         raise DataError(f"images must be a torch.Tensor (N x C x H x W, uint8), got {type(images).__name__}")
@@ -98,15 +98,8 @@ def extract_features(
             f"the model is on {model_device} but device={dev}; move it with model.to({str(dev)!r}) or pass device=None"
         )
 
-    mean_t = torch.tensor(mean_list, dtype=torch.float32, device=dev).view(1, channels, 1, 1)
-    inv_std_t = 1.0 / torch.tensor(std_list, dtype=torch.float32, device=dev).view(1, channels, 1, 1)
-    resize = size is not None and (height, width) != (size, size)
-
     def preprocess(batch: Tensor) -> Tensor:  # uint8 B x C x H x W -> normalised float B x C x size x size
-        x = batch.float().div_(255.0)
-        if resize:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return x.sub_(mean_t).mul_(inv_std_t)
+        return normalize_uint8(batch, mean_list, std_list, size)
 
     return _forward_in_batches(model, images, dev, batch_size, preprocess, "extracting features", progress)
 
@@ -179,7 +172,7 @@ def _forward_in_batches(model: nn.Module, images: Tensor, dev: torch.device, bat
                 y = model(x)
                 if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != x.shape[0]:
                     got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-                    raise ConfigError(
+                    raise ValueError(  # the model's code, not the user's input, is wrong: keep the traceback
                         f"the model must return a (batch, dim) feature tensor, got {got} for a batch of {x.shape[0]}; "
                         "pass the backbone (ending in global pooling + flatten), not a model returning maps or dicts"
                     )

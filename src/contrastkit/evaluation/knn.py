@@ -29,11 +29,10 @@ from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from contrastkit.errors import ConfigError
-from contrastkit.evaluation._checks import (
+from contrastkit.validation import (
     features_arg,
     labels_arg,
     num_classes_arg,
@@ -42,6 +41,7 @@ from contrastkit.evaluation._checks import (
     resolve_device,
 )
 from contrastkit.evaluation.metrics import topk_hits
+from contrastkit.models.neighbours import cosine_topk
 
 Metric = Literal["cosine", "euclidean"]
 METRICS: tuple[str, ...] = ("cosine", "euclidean")
@@ -96,7 +96,6 @@ class _Bank:
         self._train = train_features.detach().to(self.device, torch.float32)  # N x D
         self._test = test_features.detach()  # M x D, moved chunk by chunk
         self.labels = train_labels.detach().to(self.device, torch.long)  # N
-        self._normalised: Tensor | None = None
 
     @property
     def num_queries(self) -> int:
@@ -108,20 +107,13 @@ class _Bank:
         ``values`` (Q x k) are cosine similarities (descending) or euclidean distances (ascending); ``labels``
         (Q x k) are the classes of those neighbours.
         """
-        if metric == "cosine":
-            if self._normalised is None:
-                self._normalised = F.normalize(self._train, dim=1)  # N x D, unit rows
-            bank = self._normalised
-        else:
-            bank = self._train
         for start in range(0, self.num_queries, self.chunk_size):
             end = min(start + self.chunk_size, self.num_queries)
             q = self._test[start:end].to(self.device, torch.float32)  # Q x D
             if metric == "cosine":
-                sim = F.normalize(q, dim=1) @ bank.T  # Q x N
-                values, idx = sim.topk(k, dim=1, largest=True, sorted=True)  # Q x k
+                values, idx = cosine_topk(q, self._train, k, chunk_size=self.chunk_size)  # Q x k each
             else:
-                dist = torch.cdist(q, bank)  # Q x N
+                dist = torch.cdist(q, self._train)  # Q x N
                 values, idx = dist.topk(k, dim=1, largest=False, sorted=True)  # Q x k
             yield start, end, values, self.labels[idx]
 

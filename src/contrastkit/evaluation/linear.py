@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from contrastkit.data.splits import stratified_split
 from contrastkit.errors import ConfigError, DataError
-from contrastkit.evaluation._checks import (
+from contrastkit.validation import (
     features_arg,
     float_grid,
     is_real,

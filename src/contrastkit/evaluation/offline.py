@@ -13,7 +13,9 @@ around it. Protocols and their exact settings: ``docs/evaluation.md``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError, ContrastkitError, DataError
-from contrastkit.evaluation._checks import resolve_device
+from contrastkit.validation import resolve_device
 from contrastkit.evaluation.cache import (
     CachedFeatures,
     cache_dir,
@@ -46,6 +48,8 @@ GRID_METRICS: tuple[str, ...] = ("cosine", "euclidean")
 #: Augmentation of ``linear --augmented``: random resized crop with this area range, and horizontal flips.
 AUG_CROP_SCALE: tuple[float, float] = (0.08, 1.0)
 AUG_HFLIP_PROB: float = 0.5
+#: Keys of an evaluation record that are results, not settings (see :meth:`CheckpointEvaluator.save_result`).
+_RESULT_VALUES = frozenset({"top1", "top5", "val_top1", "lr", "weight_decay", "grid", "best", "checkpoint"})
 #: Distinct augmented passes of ``linear --augmented`` (pass ``epoch % passes`` is used in each epoch).
 AUG_PASSES: int = 4
 
@@ -107,6 +111,8 @@ class CheckpointEvaluator:
 
         self.checkpoint = Path(checkpoint)
         module = load_module(self.checkpoint)
+        #: the configuration the checkpoint was trained with (before ``overrides``): its own evaluation protocol
+        self.trained_cfg = copy.deepcopy(module.cfg)
         self.cfg = cfg = apply_overrides(module.cfg, list(overrides))
         self.device = resolve_device(device, default_device())
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -321,11 +327,41 @@ class CheckpointEvaluator:
         return res
 
     # ------------------------------------------------------------------------------------------------ results
+    def own_protocol(self, record: dict[str, Any]) -> bool:
+        """Whether ``record`` evaluates the run on its own protocol, so that it counts as the run's result.
+
+        That is: the dataset the run was trained on (every ``data.*`` setting unchanged except ``data.root``, so
+        also the same monitor splits), backbone features, and the standard settings of the protocol: for
+        ``linear``, ``eval.linear_epochs`` epochs without augmentation; for ``knn``, ``train.knn_k``,
+        ``train.knn_temperature`` and the cosine metric. Anything else (a transfer to another dataset, a short
+        probe, projector features, a kNN grid) is another evaluation, reported with its settings."""
+        trained, now = dataclasses.asdict(self.trained_cfg.data), dataclasses.asdict(self.cfg.data)
+        trained.pop("root")
+        now.pop("root")
+        if trained != now or record.get("features") != "backbone":
+            return False
+        t = self.trained_cfg
+        if record.get("protocol") == "linear":
+            return not record.get("augmented") and record.get("epochs") == t.eval.linear_epochs
+        if record.get("protocol") == "knn":
+            return (record.get("k") == t.train.knn_k and record.get("temperature") == t.train.knn_temperature
+                    and record.get("metric") == "cosine")
+        return False
+
     def save_result(self, record: dict[str, Any]) -> Path | None:
-        """Store an evaluation record as ``<checkpoint>.features/results-<protocol>.json`` (atomically), stamped
-        with the checkpoint's size and mtime; ``contrastkit report`` reads ``results-linear.json`` from there."""
-        path = cache_dir(self.checkpoint) / f"results-{record['protocol']}.json"
-        data = {**record, "checkpoint_stamp": checkpoint_stamp(self.checkpoint)}
+        """Store an evaluation record (atomically) beside the checkpoint, stamped with the checkpoint's size and
+        mtime and with ``own_protocol`` (:meth:`own_protocol`): as ``<checkpoint>.features/results-<protocol>.json``
+        when it is on the run's own protocol, else as ``results-<protocol>-<settings hash>.json`` (so a transfer
+        probe never replaces the run's result). ``contrastkit report`` reads them (:func:`saved_results`)."""
+        own = self.own_protocol(record)
+        name = f"results-{record['protocol']}"
+        if not own:
+            settings = {k: v for k, v in record.items() if k not in _RESULT_VALUES}
+            settings["data"] = dataclasses.asdict(self.cfg.data)
+            blob = json.dumps(settings, sort_keys=True, default=str).encode()
+            name += "-" + hashlib.sha256(blob).hexdigest()[:12]
+        path = cache_dir(self.checkpoint) / f"{name}.json"
+        data = {**record, "own_protocol": own, "checkpoint_stamp": checkpoint_stamp(self.checkpoint)}
         try:
             write_json_atomic(path, data)
         except OSError:
@@ -333,13 +369,24 @@ class CheckpointEvaluator:
         return path
 
 
-def load_saved_result(checkpoint: str | Path, protocol: str) -> dict[str, Any] | None:
-    """The record saved by :meth:`CheckpointEvaluator.save_result` for ``protocol``, or ``None`` when there is none
-    or the checkpoint changed since (its size or mtime differ)."""
-    path = cache_dir(checkpoint) / f"results-{protocol}.json"
+def saved_results(checkpoint: str | Path, protocol: str) -> list[dict[str, Any]]:
+    """The records saved by :meth:`CheckpointEvaluator.save_result` for ``protocol``, the run's own-protocol one
+    first (``own_protocol`` true; records written before that field existed count as other evaluations); records
+    of an earlier version of the checkpoint (its size or mtime differ) are left out."""
+    folder = cache_dir(checkpoint)
     try:
-        data = json.loads(path.read_text())
         stamp = checkpoint_stamp(checkpoint)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("checkpoint_stamp") == stamp else None
+        paths = sorted(folder.glob(f"results-{protocol}*.json"))
+    except OSError:
+        return []
+    records = []
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and data.get("protocol") == protocol and data.get("checkpoint_stamp") == stamp:
+            if path.name != f"results-{protocol}.json":
+                data["own_protocol"] = False
+            records.append(data)
+    return sorted(records, key=lambda r: not r.get("own_protocol"))

@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contrastkit.augment.views import normalize_uint8
 from contrastkit.errors import ConfigError, DataError
 
 
@@ -136,12 +137,7 @@ class OnlineLinearProbe(L.Callback):
         """Backbone features (B x D float32, no gradient) of a uint8 batch, backbone in eval mode."""
         backbone: nn.Module = pl_module.backbone  # type: ignore[assignment]
         param = next(backbone.parameters())
-        x = images.to(param.device).float().div_(255.0)  # B x C x H x W
-        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
-        x = ((x - mean) / std).to(param.dtype)
+        x = normalize_uint8(images.to(param.device), self.mean, self.std, self.size).to(param.dtype)  # BxCxsxs
         if getattr(pl_module.cfg.model, "channels_last", False):
             x = x.contiguous(memory_format=torch.channels_last)
         modes = [(m, m.training) for m in backbone.modules()]
@@ -181,6 +177,7 @@ class OnlineLinearProbe(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._seen:
-            self.history.append({"epoch": trainer.current_epoch + 1, "step": trainer.global_step,
+            # 0-based epoch and step indices, as in the metrics.csv row of the same value
+            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step - 1,
                                  "online_linear_top1": 100.0 * float(self._hits) / self._seen,
                                  "online_linear_loss": float(self._loss_sum) / self._seen})

@@ -1,7 +1,8 @@
 """Pictures of a learned representation: a 2-D map of the embedding and a nearest-neighbour retrieval grid.
 
 Both draw with matplotlib's object-oriented API on an Agg canvas (no display, no global pyplot state) and write
-the PNG atomically (temporary file + ``os.replace``). Features come from
+the picture atomically (temporary file + ``os.replace``) in the format of the file's extension (PNG, JPEG, PDF,
+SVG, ...). Features come from
 :class:`~contrastkit.evaluation.offline.CheckpointEvaluator`, so they are extracted once per checkpoint and cached.
 """
 
@@ -12,21 +13,37 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from contrastkit.errors import ConfigError, ContrastkitError, DataError
-from contrastkit.io import atomic_write
+from contrastkit.io import atomic_write, writable_file
+from contrastkit.models.neighbours import cosine_topk
 
 #: 2-D projection methods of :func:`plot_embedding`.
 EMBEDDING_METHODS: tuple[str, ...] = ("tsne", "umap")
 
 
-def save_figure(fig: Any, out: str | Path, dpi: int = 110) -> Path:
-    """Write a matplotlib ``Figure`` as PNG to ``out`` atomically (:func:`contrastkit.io.atomic_write`)."""
+def figure_format(out: str | Path) -> str:
+    """The image format of ``out``'s extension (``png``, ``jpg``, ``pdf``, ``svg``, ... whatever matplotlib's Agg
+    canvas writes). Raises :class:`ConfigError` for any other extension, or none."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    fmt = Path(out).suffix.lower().lstrip(".")
+    if fmt not in formats:
+        raise ConfigError(f"cannot write a picture to {str(out)!r}: its extension must be one of "
+                          + ", ".join("." + f for f in sorted(formats)))
+    return fmt
+
+
+def save_figure(fig: Any, out: str | Path, dpi: int = 110) -> Path:
+    """Write a matplotlib ``Figure`` to ``out`` in the format of its extension (:func:`figure_format`: ``.png``,
+    ``.jpg``, ``.pdf``, ``.svg``, ...) atomically (:func:`contrastkit.io.atomic_write`)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fmt = figure_format(out)
+    writable_file(out, "output")
     FigureCanvasAgg(fig)
-    return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight"))
 
 
 def project_2d(features: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
@@ -73,7 +90,7 @@ def plot_embedding(evaluator: Any, out: str | Path = "embedding.png", *, method:
 
     Args:
         evaluator: a :class:`~contrastkit.evaluation.offline.CheckpointEvaluator`.
-        out: PNG path (default ``embedding.png``).
+        out: picture path (default ``embedding.png``; the extension picks the format, see :func:`figure_format`).
         method: ``tsne`` (default) or ``umap`` (see :func:`project_2d`).
         split: split to draw (default ``None``: ``data.monitor_query_split``, else ``test``).
         num_points: random subset size, seeded (default 2000; the whole split if smaller).
@@ -125,18 +142,6 @@ def _class_colours(n: int) -> list[Any]:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def nearest_neighbours(query: torch.Tensor, bank: torch.Tensor, k: int, chunk: int = 1024) -> torch.Tensor:
-    """Indices (Q x k, most similar first) of the ``k`` bank rows with the highest cosine similarity to each query."""
-    if k > bank.shape[0]:
-        raise ConfigError(f"k={k} is larger than the bank ({bank.shape[0]} images); lower --k")
-    b = F.normalize(bank.float(), dim=1)
-    out = []
-    for i in range(0, query.shape[0], chunk):
-        q = F.normalize(query[i : i + chunk].float(), dim=1)
-        out.append((q @ b.T).topk(k, dim=1).indices)  # chunk x k
-    return torch.cat(out)
-
-
 def _show(ax: Any, image: torch.Tensor) -> None:
     img = image.cpu()
     if img.shape[0] == 1:
@@ -161,7 +166,7 @@ def plot_neighbours(evaluator: Any, out: str | Path = "neighbours.png", *, num_q
 
     Args:
         evaluator: a :class:`~contrastkit.evaluation.offline.CheckpointEvaluator`.
-        out: PNG path (default ``neighbours.png``).
+        out: picture path (default ``neighbours.png``; the extension picks the format).
         num_queries: query rows (default 8), a seeded random choice.
         k: neighbours per query (default 8).
         query_split / bank_split: default ``data.monitor_query_split`` / ``data.monitor_bank_split`` (else
@@ -185,7 +190,10 @@ def plot_neighbours(evaluator: Any, out: str | Path = "neighbours.png", *, num_q
     q_images, b_images = evaluator.dataset(query_split).images, evaluator.dataset(bank_split).images
     qidx = _subset(q_entry.features.shape[0], num_queries, seed)
     qidx = qidx[torch.randperm(len(qidx), generator=torch.Generator().manual_seed(seed))]
-    nbrs = nearest_neighbours(q_entry.features[qidx.to(q_entry.features.device)], b_entry.features, k).cpu()
+    if k > b_entry.features.shape[0]:
+        raise ConfigError(f"k={k} is larger than the bank ({b_entry.features.shape[0]} images); lower --k")
+    queries = q_entry.features[qidx.to(q_entry.features.device)].float()  # Q x D
+    nbrs = cosine_topk(queries, b_entry.features.float(), k)[1].cpu()  # Q x k
     labelled = q_entry.labels is not None and b_entry.labels is not None
     classes = q_entry.classes or b_entry.classes
     ql = q_entry.labels.cpu() if q_entry.labels is not None else None

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
 from contrastkit.losses import distributed
-from contrastkit.losses.common import at_least_float32, autocast_disabled, check_flag, positive_float
+from contrastkit.losses.common import at_least_float32, autocast_disabled
+from contrastkit.validation import check_flag, positive_float
 
 __all__ = ["BarlowTwinsLoss", "all_reduce_sum"]
 
@@ -74,9 +75,9 @@ class BarlowTwinsLoss(nn.Module):
                 or lambda_ < 0:
             raise ConfigError(f"barlow lambda must be a finite number >= 0, got {lambda_!r}; the paper uses 0.0051")
         self.lambda_ = float(lambda_)
-        self.scale = positive_float("barlow scale", scale, "use 1.0 (paper) or 0.1 (solo-learn CIFAR)")
-        self.eps = positive_float("eps", eps, "use 1e-5")
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.scale = positive_float(scale, "barlow scale", "use 1.0 (paper) or 0.1 (solo-learn CIFAR)")
+        self.eps = positive_float(eps, "eps", "use 1e-5")
+        self.gather_distributed = check_flag(gather_distributed, "gather_distributed")
 
     def extra_repr(self) -> str:
         return f"lambda_={self.lambda_}, scale={self.scale}, gather_distributed={self.gather_distributed}"
@@ -102,7 +103,7 @@ class BarlowTwinsLoss(nn.Module):
             Scalar loss (float32, or float64 for float64 inputs), the same on every process under DDP.
         """
         if z1.ndim != 2 or z1.shape != z2.shape:
-            raise ConfigError(
+            raise ValueError(
                 f"z1 and z2 must both have shape (n, D), got {tuple(z1.shape)} and {tuple(z2.shape)}"
             )
         with autocast_disabled(z1.device.type):

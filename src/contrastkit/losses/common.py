@@ -1,40 +1,23 @@
-"""Helpers shared by every loss (and by :mod:`contrastkit.models.neighbours`): argument validation and the
-numerics rule of the package (similarities in at least float32 with autocast off, so bf16/fp16 training is safe).
+"""Helpers shared by every loss (and by :mod:`contrastkit.models.neighbours`): the shape check of a pair of views and
+the numerics rule of the package (similarities in at least float32 with autocast off, so bf16/fp16 training is safe).
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 from typing import Any, ContextManager
 
 import torch
 from torch import Tensor
 
-from contrastkit.errors import ConfigError
-
-__all__ = ["at_least_float32", "autocast_disabled", "check_flag", "check_pair", "positive_float"]
-
-
-def positive_float(name: str, value: object, hint: str) -> float:
-    """Return ``value`` as a float, or raise ConfigError unless it is a finite real number > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}; {hint}")
-    return float(value)
-
-
-def check_flag(name: str, value: object) -> bool:
-    """Return ``value`` if it is a bool, else raise ConfigError naming ``name``."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    return value
+__all__ = ["at_least_float32", "autocast_disabled", "check_pair"]
 
 
 def check_pair(z1: Tensor, z2: Tensor) -> None:
-    """Raise ConfigError unless ``z1`` and ``z2`` are 2-D tensors of the same shape (two views of N images)."""
+    """Raise ValueError (a caller's mistake, not a user's) unless ``z1`` and ``z2`` are 2-D tensors of the same shape
+    (two views of N images)."""
     if z1.ndim != 2 or z2.ndim != 2 or z1.shape != z2.shape:
-        raise ConfigError(
+        raise ValueError(
             f"z1 and z2 must both have shape (N, D), got {tuple(z1.shape)} and {tuple(z2.shape)}; "
             "pass the projections of the two views of the same N images, flattened to 2-D"
         )

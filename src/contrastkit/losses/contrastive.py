@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
 from contrastkit.losses import distributed
-from contrastkit.losses.common import at_least_float32, autocast_disabled, check_flag, check_pair, positive_float
+from contrastkit.losses.common import at_least_float32, autocast_disabled, check_pair
+from contrastkit.validation import check_flag, positive_float
 
 __all__ = [
     "DCLLoss",
@@ -73,12 +74,12 @@ def contrastive_from_logits(
         Per-anchor losses, shape ``(N,)``; reduce them yourself (usually ``.mean()``).
     """
     if pos.ndim != 1 or neg.ndim != 2 or neg.shape[0] != pos.shape[0]:
-        raise ConfigError(
+        raise ValueError(
             f"pos must have shape (N,) and neg shape (N, M), got {tuple(pos.shape)} and {tuple(neg.shape)}; "
             "pass one positive logit and one row of negative logits per anchor"
         )
     if pos_weight is not None and pos_weight.shape != pos.shape:
-        raise ConfigError(
+        raise ValueError(
             f"pos_weight must have the shape of pos {tuple(pos.shape)}, got {tuple(pos_weight.shape)}; "
             "pass one weight per anchor or None"
         )
@@ -105,7 +106,7 @@ def dclw_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
     Returns:
         Weights of shape ``(N,)``, detached from the graph.
     """
-    sigma = positive_float("sigma", sigma, "use the DCL paper's default sigma=0.5")
+    sigma = positive_float(sigma, "sigma", "use the DCL paper's default sigma=0.5")
     with torch.no_grad():
         sim = (z1 * z2).sum(dim=1)  # N
         return 2.0 - sim.shape[0] * torch.softmax(sim / sigma, dim=0)  # N
@@ -136,8 +137,8 @@ def two_view_logits(z1: Tensor, z2: Tensor, temperature: float, gather_distribut
     else:
         z1_all, z2_all, offset = z1, z2, 0
     big_n = z1_all.shape[0]
-    if big_n < 2:
-        raise ConfigError(
+    if big_n < 2:  # optim.batch_size >= 2 is validated with the config: a caller's mistake
+        raise ValueError(
             f"a batch of {big_n} pair has no negatives; use a batch size of at least 2 (much more in practice)"
         )
 
@@ -172,9 +173,9 @@ class _TwoViewContrastiveLoss(nn.Module):
     def __init__(self, temperature: float = 0.1, gather_distributed: bool = False) -> None:
         super().__init__()
         self.temperature = positive_float(
-            "temperature", temperature, "use a small positive value such as 0.1 (typical range 0.05-0.5)"
+            temperature, "temperature", "use a small positive value such as 0.1 (typical range 0.05-0.5)"
         )
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.gather_distributed = check_flag(gather_distributed, "gather_distributed")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
@@ -213,8 +214,9 @@ _DISTRIBUTED_DOC = """
     the mean over this process's ``2n`` anchors; the mean over processes equals the single-process loss on the global
     batch, and the gradient reaching each process's inputs is ``W`` times the corresponding slice of the global
     gradient, which DDP's gradient averaging divides by ``W``: ``W`` processes on ``W`` equal slices train exactly
-    like one process on the whole batch. All processes must have the same local batch size ``n`` (a
-    ``DistributedSampler``, which Lightning adds, guarantees it) and all must call ``backward``. Without a process
+    like one process on the whole batch. All processes must have the same local batch size ``n`` (the
+    training loader, :func:`contrastkit.training.module.index_loader`, guarantees it: a ``DistributedSampler`` and
+    ``drop_last`` on every rank; Lightning's own sampler is disabled) and all must call ``backward``. Without a process
     group, or with ``gather_distributed=False``, only the local batch is used.
 """
 
@@ -297,7 +299,7 @@ class DCLWLoss(DCLLoss):
 
     def __init__(self, temperature: float = 0.1, sigma: float = 0.5, gather_distributed: bool = False) -> None:
         super().__init__(temperature=temperature, gather_distributed=gather_distributed)
-        self.sigma = positive_float("sigma", sigma, "use the DCL paper's default sigma=0.5")
+        self.sigma = positive_float(sigma, "sigma", "use the DCL paper's default sigma=0.5")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, sigma={self.sigma}, gather_distributed={self.gather_distributed}"

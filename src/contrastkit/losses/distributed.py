@@ -16,9 +16,10 @@ whole batch.
 
 Assumption: **every process has the same local batch size.** ``all_gather`` requires equal shapes (mismatched shapes
 raise an error or hang, depending on the backend), and :func:`rank_offset` relies on it. Checking it would cost an
-extra collective per step, so it is not checked; :class:`torch.utils.data.DistributedSampler` (which Lightning adds for
-you) gives every process the same number of samples, and ``drop_last=True`` on the loader additionally makes every
-batch full. If you filter samples inside a step, keep the count equal on all processes.
+extra collective per step, so it is not checked; contrastkit's training loader
+(:func:`contrastkit.training.module.index_loader`, with Lightning's own sampler disabled) builds its own
+:class:`torch.utils.data.DistributedSampler`, which gives every process the same number of samples, and
+``drop_last=True`` on the loader additionally makes every batch full. If you filter samples inside a step, keep the count equal on all processes.
 
 Every collective here must be called by all processes, in the same order; this includes the backward pass of a
 gathered tensor, so call ``loss.backward()`` on every process.

@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
 from contrastkit.losses import distributed
-from contrastkit.losses.common import at_least_float32, autocast_disabled, check_flag, positive_float
+from contrastkit.losses.common import at_least_float32, autocast_disabled
+from contrastkit.validation import check_flag, positive_float
 from contrastkit.losses.contrastive import contrastive_from_logits, dclw_weights
 
 __all__ = [
@@ -83,9 +84,9 @@ class QueueContrastiveLoss(nn.Module):
     def __init__(self, temperature: float = 0.2, gather_distributed: bool = False) -> None:
         super().__init__()
         self.temperature = positive_float(
-            "temperature", temperature, "use a small positive value such as 0.2 (typical range 0.05-0.5)"
+            temperature, "temperature", "use a small positive value such as 0.2 (typical range 0.05-0.5)"
         )
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.gather_distributed = check_flag(gather_distributed, "gather_distributed")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}"
@@ -122,15 +123,15 @@ class QueueContrastiveLoss(nn.Module):
         candidate is excluded: a query's own key among in-batch negatives) and the ``M x D`` normalised candidates
         (the bank, or the gathered keys). Call with autocast disabled; see :meth:`forward` for the arguments."""
         if query.ndim != 2 or query.shape != key.shape:
-            raise ConfigError(
+            raise ValueError(
                 f"query and key must both have shape (n, D), got {tuple(query.shape)} and {tuple(key.shape)}"
             )
         if negatives is not None and (negatives.ndim != 2 or negatives.shape[1] != query.shape[1]):
-            raise ConfigError(
+            raise ValueError(
                 f"negatives must have shape (M, {query.shape[1]}), got {tuple(negatives.shape)}"
             )
         if negatives is not None and negatives.shape[0] == 0:
-            raise ConfigError("the bank of negatives is empty; pass negatives=None to use the other keys instead")
+            raise ValueError("the bank of negatives is empty; pass negatives=None to use the other keys instead")
         q = F.normalize(at_least_float32(query), dim=1)  # nxD
         k = F.normalize(at_least_float32(key), dim=1).to(q.dtype)  # nxD
         n = q.shape[0]
@@ -141,7 +142,7 @@ class QueueContrastiveLoss(nn.Module):
             return QueryKeyLogits(q, k, pos, neg, bank)
         k_all, offset = self._global(k)  # NxD, N = W * n
         if k_all.shape[0] < 2:
-            raise ConfigError("a batch of 1 sample has no negatives; use a batch size of at least 2")
+            raise ValueError("a batch of 1 sample has no negatives; use a batch size of at least 2")
         neg = q @ k_all.T / self.temperature  # nxN
         own = torch.arange(n, device=q.device) + offset  # n, column of each query's own key
         neg = neg.masked_fill(F.one_hot(own, k_all.shape[0]).bool(), float("-inf"))  # nxN, N-1 finite
@@ -185,7 +186,7 @@ class QueueDCLWLoss(QueueDCLLoss):
 
     def __init__(self, temperature: float = 0.2, sigma: float = 0.5, gather_distributed: bool = False) -> None:
         super().__init__(temperature=temperature, gather_distributed=gather_distributed)
-        self.sigma = positive_float("sigma", sigma, "use the DCL paper's default sigma=0.5")
+        self.sigma = positive_float(sigma, "sigma", "use the DCL paper's default sigma=0.5")
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, sigma={self.sigma}, gather_distributed={self.gather_distributed}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastkit.errors import ConfigError
 from contrastkit.losses.common import at_least_float32, autocast_disabled
 
 __all__ = ["NormalizedMSELoss"]
@@ -41,7 +40,7 @@ class NormalizedMSELoss(nn.Module):
             Scalar loss (float32, or float64 for float64 inputs).
         """
         if prediction.ndim != 2 or prediction.shape != target.shape:
-            raise ConfigError(
+            raise ValueError(
                 f"prediction and target must both have shape (n, D), got {tuple(prediction.shape)} and "
                 f"{tuple(target.shape)}"
             )

@@ -25,6 +25,12 @@ METHODS: dict[str, type[SSLMethod]] = {
 }
 
 
+def loss_name(cfg: MethodConfig) -> str:
+    """The loss a method config trains with: the method's own (byol, barlow) or its contrastive loss."""
+    own = METHODS[cfg.name].own_loss if cfg.name in METHODS else None
+    return own or cfg.contrastive_loss
+
+
 def build_method(backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> SSLMethod:
     """Instantiate the method named by ``cfg.name`` around ``backbone``."""
     if cfg.name not in METHODS:
@@ -32,4 +38,5 @@ def build_method(backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> SS
     return METHODS[cfg.name](backbone, feature_dim, cfg)
 
 
-__all__ = ["BYOL", "METHODS", "NNCLR", "BarlowTwins", "MoCo", "ParamGroup", "SSLMethod", "SimCLR", "build_method"]
+__all__ = ["BYOL", "METHODS", "NNCLR", "BarlowTwins", "MoCo", "ParamGroup", "SSLMethod", "SimCLR", "build_method",
+           "loss_name"]

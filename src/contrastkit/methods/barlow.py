@@ -25,6 +25,9 @@ from contrastkit.methods.base import SSLMethod, build_projector, check_no_option
 class BarlowTwins(SSLMethod):
     """Barlow Twins; see the module docstring."""
 
+    own_loss = "barlow twins"
+    two_views = True
+
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         check_no_options(cfg, "barlow")
         super().__init__(backbone, feature_dim, cfg)

@@ -49,13 +49,19 @@ class ParamGroup:
 class SSLMethod(nn.Module):
     """Base class of the self-supervised methods.
 
+    Class attribute ``own_loss``: the name of the method's own loss (BYOL, Barlow Twins), for which
+    ``method.loss`` must stay unset; ``None`` (default) for methods built around a contrastive loss, which read
+    ``cfg.contrastive_loss`` (``method.loss``, InfoNCE when unset). ``two_views``: the method takes exactly two
+    views (config validation refuses another ``views.num_views``).
+
     Args:
         backbone: maps ``B x C x H x W`` images to ``B x feature_dim`` features.
         feature_dim: the backbone's output width.
         cfg: the method section of the run configuration.
     """
 
-    reads_loss: ClassVar[bool] = False  #: whether the method reads ``method.loss`` (infonce, dcl, dclw)
+    own_loss: ClassVar[str | None] = None
+    two_views: ClassVar[bool] = False  #: the method uses exactly 2 views (``views.num_views`` must be 2)
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         super().__init__()
@@ -138,9 +144,10 @@ def build_predictor(cfg: MethodConfig) -> nn.Sequential:
 
 
 def check_two_views(views: list[torch.Tensor], method: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two views of a two-view method, or a ConfigError."""
+    """The two views of a two-view method (``num_views == 2``), or a ValueError: the configuration is checked
+    for ``views.num_views`` when it is validated, so other counts here are a caller's mistake."""
     if len(views) != 2:
-        raise ConfigError(f"{method} uses exactly 2 views, got {len(views)}; set views.num_views=2")
+        raise ValueError(f"{method} uses exactly 2 views, got {len(views)}")
     return views[0], views[1]
 
 

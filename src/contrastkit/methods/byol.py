@@ -34,6 +34,9 @@ from contrastkit.methods.base import (
 class BYOL(SSLMethod):
     """BYOL: predict the EMA target's projection of the other view; see the module docstring."""
 
+    own_loss = "byol (cosine)"
+    two_views = True
+
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         check_no_options(cfg, "byol")
         super().__init__(backbone, feature_dim, cfg)

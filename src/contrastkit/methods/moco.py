@@ -113,7 +113,7 @@ def shuffled_forward(encoder: Encoder, views: list[Tensor], groups: int = 1) -> 
 class MoCo(SSLMethod):
     """MoCo v2 with a queue of keys, a symmetric-loss option and shuffling BN; see the module docstring."""
 
-    reads_loss = True
+    two_views = True
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         check_no_options(cfg, "moco", known=("bn_splits",))
@@ -129,7 +129,7 @@ class MoCo(SSLMethod):
         self.add_teacher(backbone=self.backbone, projector=self.projector)
         self.queue = MemoryQueue(cfg.queue_size, cfg.proj_out_dim, gather_distributed=cfg.gather_distributed)
         self.criterion = build_queue_loss(
-            cfg.loss, temperature=cfg.temperature, sigma=cfg.sigma, gather_distributed=cfg.gather_distributed
+            cfg.contrastive_loss, temperature=cfg.temperature, sigma=cfg.sigma, gather_distributed=cfg.gather_distributed
         )
 
     def bn_mode(self) -> str:

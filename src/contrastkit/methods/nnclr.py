@@ -36,7 +36,7 @@ from contrastkit.models import MemoryQueue, nearest_neighbours
 class NNCLR(SSLMethod):
     """NNCLR; see the module docstring."""
 
-    reads_loss = True
+    two_views = True
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         check_no_options(cfg, "nnclr")
@@ -45,7 +45,7 @@ class NNCLR(SSLMethod):
         self.predictor = build_predictor(cfg)
         self.queue = MemoryQueue(cfg.queue_size, cfg.proj_out_dim, gather_distributed=cfg.gather_distributed)
         self.criterion = build_queue_loss(
-            cfg.loss, temperature=cfg.temperature, sigma=cfg.sigma, gather_distributed=cfg.gather_distributed
+            cfg.contrastive_loss, temperature=cfg.temperature, sigma=cfg.sigma, gather_distributed=cfg.gather_distributed
         )
 
     @staticmethod

@@ -20,17 +20,16 @@ from contrastkit.methods.base import SSLMethod, build_projector
 
 
 def build_contrastive_loss(cfg: MethodConfig) -> nn.Module:
-    """The contrastive loss named by ``cfg.loss`` with the config's temperature (and sigma for DCLW)."""
+    """The contrastive loss ``cfg.contrastive_loss`` (``method.loss``, InfoNCE when unset) with the config's
+    temperature (and sigma for DCLW)."""
     kwargs: dict = {"temperature": cfg.temperature, "gather_distributed": cfg.gather_distributed}
-    if cfg.loss == "dclw":
+    if cfg.contrastive_loss == "dclw":
         kwargs["sigma"] = cfg.sigma
-    return build_loss(cfg.loss, **kwargs)
+    return build_loss(cfg.contrastive_loss, **kwargs)
 
 
 class SimCLR(SSLMethod):
     """SimCLR: symmetric contrastive loss between projected views; averaged over all view pairs."""
-
-    reads_loss = True
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         super().__init__(backbone, feature_dim, cfg)

@@ -1,21 +1,24 @@
 """Backbones and MLP heads; the shared parts of the methods: memory queue, nearest neighbours, momentum teacher."""
 
-from contrastkit.models.backbones import BACKBONES, ConvNet, SmallResNet, build_backbone
+from contrastkit.models.backbones import BACKBONE_ARGS, BACKBONES, ConvNet, SmallResNet, backbone_args, build_backbone
 from contrastkit.models.heads import mlp
 from contrastkit.models.momentum import MomentumTeacher, cosine_momentum, fixed_momentum
-from contrastkit.models.neighbours import Neighbours, cosine_similarities, nearest_neighbours
+from contrastkit.models.neighbours import Neighbours, cosine_similarities, cosine_topk, nearest_neighbours
 from contrastkit.models.queue import MemoryQueue
 
 __all__ = [
     "BACKBONES",
+    "BACKBONE_ARGS",
     "ConvNet",
     "MemoryQueue",
     "MomentumTeacher",
     "Neighbours",
     "SmallResNet",
+    "backbone_args",
     "build_backbone",
     "cosine_momentum",
     "cosine_similarities",
+    "cosine_topk",
     "fixed_momentum",
     "mlp",
     "nearest_neighbours",

@@ -8,6 +8,7 @@ Every backbone maps ``B x C x H x W`` images to ``B x D`` features (global avera
   no max-pool), as in SimCLR's CIFAR experiments (https://arxiv.org/abs/2002.05709, appendix B.9) and solo-learn.
   The state dict keys are torchvision's, so an exported backbone loads into ``torchvision.models.resnet18()``
   (with the same stem change) without contrastkit.
+- ``convnet``: a plain 4-block ConvNet (:class:`ConvNet`), the reference point for throughput.
 - ``small_resnet``: a width-scaled pre-activation-free ResNet with ``len(widths)`` stages of ``blocks`` basic
   blocks each (default widths 32-64-128-256, one block per stage, stride 2 from the second stage on). It is our CPU
   backbone: at 28 px it trains SimCLR on Fashion-MNIST at about a minute per epoch on 2 cores (see
@@ -17,6 +18,7 @@ Every backbone maps ``B x C x H x W`` images to ``B x D`` features (global avera
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torchvision
@@ -25,6 +27,17 @@ from torch import nn
 from contrastkit.errors import ConfigError
 
 BACKBONES = ("small_resnet", "convnet", "resnet18", "resnet50")
+
+#: The arguments of :func:`build_backbone` each backbone reads (besides its name); an export records exactly these.
+BACKBONE_ARGS: dict[str, tuple[str, ...]] = {
+    "small_resnet": ("in_channels", "widths", "blocks", "stem_stride"),
+    "convnet": ("in_channels", "widths"),
+    "resnet18": ("in_channels", "cifar_stem"),
+    "resnet50": ("in_channels", "cifar_stem"),
+}
+
+#: SmallResNet's stem stride when none is given (the class, :func:`build_backbone` and ``model.stem_stride`` share it).
+DEFAULT_STEM_STRIDE = 2
 
 
 class BasicBlock(nn.Module):
@@ -56,7 +69,8 @@ class SmallResNet(nn.Module):
         in_channels: input channels (1 for Fashion-MNIST, 3 for RGB). Default 3.
         widths: output channels of each stage. Default (32, 64, 128, 256).
         blocks: basic blocks per stage. Default 1.
-        stem_stride: stride of the 3x3 stem conv. Default 1 (keeps 28 px resolution in the first stage).
+        stem_stride: stride of the 3x3 stem conv. Default 2 (:data:`DEFAULT_STEM_STRIDE`: 28 px inputs become 14 px
+            in the first stage); 1 keeps the input resolution (4x the compute).
     """
 
     def __init__(
@@ -64,7 +78,7 @@ class SmallResNet(nn.Module):
         in_channels: int = 3,
         widths: Sequence[int] = (32, 64, 128, 256),
         blocks: int = 1,
-        stem_stride: int = 1,
+        stem_stride: int = DEFAULT_STEM_STRIDE,
     ) -> None:
         super().__init__()
         if not widths or blocks < 1:
@@ -93,8 +107,8 @@ class ConvNet(nn.Module):
     """A plain ConvNet: ``len(widths)`` blocks of 3x3 conv -> BN -> ReLU -> 2x2 max-pool, then global average pool.
 
     The max-pool is PyTorch's default (floor mode), so 28 px inputs go 28 -> 14 -> 7 -> 3 -> 1. With the default
-    widths (32, 64, 128, 256) this is the 4-layer ConvNet of the issue's lightly reference (our reference point for
-    throughput in docs/benchmarks.md).
+    widths (32, 64, 128, 256) this is the 4-layer ConvNet of lightly's Fashion-MNIST reference run (our reference
+    point for throughput in docs/benchmarks.md).
 
     Args:
         in_channels: input channels. Default 3. widths: channels of each block. Default (32, 64, 128, 256).
@@ -116,9 +130,9 @@ class ConvNet(nn.Module):
         self.min_size = 2 ** len(widths)  # each floor-mode pool halves the side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if min(x.shape[-2:]) < self.min_size:
-            raise ConfigError(f"convnet needs inputs of at least {self.min_size} px (each of its blocks halves the side), "
-                              f"got {tuple(x.shape[-2:])}: use fewer model.widths or larger crops")
+        if min(x.shape[-2:]) < self.min_size:  # the training crop is checked against min_size when the run is set up
+            raise ValueError(f"convnet needs inputs of at least {self.min_size} px (each of its blocks halves the "
+                             f"side), got {tuple(x.shape[-2:])}")
         return torch.flatten(self.pool(self.features(x)), 1)  # B x widths[-1]
 
 
@@ -140,7 +154,7 @@ def build_backbone(
     cifar_stem: bool = False,
     widths: Sequence[int] = (32, 64, 128, 256),
     blocks: int = 1,
-    stem_stride: int = 2,
+    stem_stride: int = DEFAULT_STEM_STRIDE,
 ) -> tuple[nn.Module, int]:
     """Build a backbone by name and return ``(module, feature_dim)``.
 
@@ -162,3 +176,16 @@ def build_backbone(
     if name in ("resnet18", "resnet50"):
         return _torchvision_resnet(name, in_channels, cifar_stem)
     raise ConfigError(f"unknown model.backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+
+
+
+def backbone_args(name: str, model_cfg: Any, in_channels: int) -> dict[str, Any]:
+    """The :func:`build_backbone` keyword arguments of backbone ``name`` (:data:`BACKBONE_ARGS`) taken from a
+    ``model`` config section (``cifar_stem``, ``widths``, ``blocks``, ``stem_stride``) and the image channels:
+    ``build_backbone(name, **backbone_args(name, cfg.model, C))`` builds the configured backbone."""
+    if name not in BACKBONE_ARGS:
+        raise ConfigError(f"unknown model.backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    values = {"in_channels": int(in_channels), "cifar_stem": bool(model_cfg.cifar_stem),
+              "widths": [int(w) for w in model_cfg.widths], "blocks": int(model_cfg.blocks),
+              "stem_stride": int(model_cfg.stem_stride)}
+    return {k: values[k] for k in BACKBONE_ARGS[name]}

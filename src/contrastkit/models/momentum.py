@@ -15,14 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
+from contrastkit.validation import number_in
 
 __all__ = ["MomentumTeacher", "cosine_momentum", "fixed_momentum"]
-
-
-def _momentum(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
 
 
 def cosine_momentum(base: float, final: float, progress: float) -> float:
@@ -37,14 +32,14 @@ def cosine_momentum(base: float, final: float, progress: float) -> float:
         final: Momentum at the end, in [0, 1]. BYOL: 1.0; solo-learn's MoCo v2+ CIFAR: 0.999.
         progress: Fraction of training done.
     """
-    base, final = _momentum("momentum base", base), _momentum("momentum final", final)
+    base, final = number_in(base, "momentum base", 0.0, 1.0), number_in(final, "momentum final", 0.0, 1.0)
     p = min(1.0, max(0.0, float(progress)))
     return final - (final - base) * (math.cos(math.pi * p) + 1.0) / 2.0
 
 
 def fixed_momentum(base: float, progress: float = 0.0) -> float:
     """A constant momentum ``base`` (MoCo v1/v2: 0.999), whatever the progress."""
-    return _momentum("momentum", base)
+    return number_in(base, "momentum", 0.0, 1.0)
 
 
 class MomentumTeacher(nn.Module):
@@ -95,7 +90,7 @@ class MomentumTeacher(nn.Module):
             t_params, s_params = list(teacher.parameters()), list(student.parameters())
             t_bufs, s_bufs = list(teacher.buffers()), list(student.buffers())
             if len(t_params) != len(s_params) or len(t_bufs) != len(s_bufs):
-                raise ConfigError(f"the teacher's {name!r} no longer has the structure of its student")
+                raise RuntimeError(f"the teacher's {name!r} no longer has the structure of its student")
             tp += t_params
             sp += s_params
             tb += t_bufs
@@ -105,7 +100,7 @@ class MomentumTeacher(nn.Module):
     @torch.no_grad()
     def update(self, momentum: float) -> None:
         """One EMA step: ``teacher <- momentum * teacher + (1 - momentum) * student`` (see the class docstring)."""
-        m = _momentum("momentum", momentum)
+        m = number_in(momentum, "momentum", 0.0, 1.0)
         t_params, s_params, t_bufs, s_bufs = self._pairs()
         if m < 1.0:
             torch._foreach_lerp_(t_params, s_params, 1.0 - m)

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from contrastkit.errors import ConfigError
 from contrastkit.losses.common import at_least_float32, autocast_disabled
 
 __all__ = ["Neighbours", "cosine_similarities", "nearest_neighbours"]
@@ -33,14 +32,14 @@ class Neighbours(NamedTuple):
 
 def _check(query: Tensor, bank: Tensor) -> None:
     if query.ndim != 2 or bank.ndim != 2 or query.shape[1] != bank.shape[1]:
-        raise ConfigError(
+        raise ValueError(
             f"query and bank must have shapes (N, D) and (M, D), got {tuple(query.shape)} and {tuple(bank.shape)}"
         )
 
 
 def _chunks(n: int, chunk_size: int) -> range:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ConfigError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
     return range(0, n, chunk_size)
 
 
@@ -60,23 +59,24 @@ def cosine_similarities(query: Tensor, bank: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def nearest_neighbours(query: Tensor, bank: Tensor, k: int = 1, chunk_size: int = 1024) -> Neighbours:
-    """Top-``k`` bank rows by cosine similarity to each query.
+def cosine_topk(query: Tensor, bank: Tensor, k: int = 1, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+    """The top-``k`` cosine search every part of contrastkit uses (NNCLR's support set, the kNN classifier, the
+    retrieval pictures): similarities and indices of the ``k`` bank rows most similar to each query.
 
     Args:
         query: ``N x D`` embeddings, any float dtype, not necessarily normalised.
-        bank: ``M x D`` embeddings with ``M >= k`` (e.g. ``MemoryQueue.get()``).
-        k: Number of neighbours, >= 1. Default 1 (NNCLR); All4One uses 5.
+        bank: ``M x D`` embeddings with ``M >= k``.
+        k: Number of neighbours, >= 1. Default 1.
         chunk_size: Queries per ``chunk_size x M`` similarity block. Default 1024 (64 MiB of float32 similarities
             for a 16384-entry bank).
 
     Returns:
-        :class:`Neighbours` (embeddings ``N x k x D``, indices ``N x k``, similarities ``N x k``), most similar first.
-        Ties are broken as :func:`torch.topk` breaks them.
+        ``(similarities, indices)``, both ``N x k``, most similar first: cosine similarities (float32, or float64
+        for float64 inputs) and int64 row indices into the bank. Ties are broken as :func:`torch.topk` breaks them.
     """
     _check(query, bank)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= bank.shape[0]:
-        raise ConfigError(f"k must be an integer in [1, {bank.shape[0]}] (the bank size), got {k!r}")
+        raise ValueError(f"k must be an integer in [1, {bank.shape[0]}] (the bank size), got {k!r}")
     with autocast_disabled(query.device.type):
         q = F.normalize(at_least_float32(query), dim=1)  # NxD
         b = F.normalize(bank.to(q.dtype), dim=1)  # MxD
@@ -85,6 +85,21 @@ def nearest_neighbours(query: Tensor, bank: Tensor, k: int = 1, chunk_size: int 
             top = torch.topk(q[s : s + chunk_size] @ b.T, k, dim=1)  # chunk x k
             sims.append(top.values)
             idx.append(top.indices)
-        similarities = torch.cat(sims)  # Nxk
-        indices = torch.cat(idx)  # Nxk
+    return torch.cat(sims), torch.cat(idx)  # Nxk, Nxk
+
+
+@torch.no_grad()
+def nearest_neighbours(query: Tensor, bank: Tensor, k: int = 1, chunk_size: int = 1024) -> Neighbours:
+    """Top-``k`` bank rows by cosine similarity to each query (:func:`cosine_topk`), with their embeddings.
+
+    Args:
+        query: ``N x D`` embeddings, any float dtype, not necessarily normalised.
+        bank: ``M x D`` embeddings with ``M >= k`` (e.g. ``MemoryQueue.get()``).
+        k: Number of neighbours, >= 1. Default 1 (NNCLR); All4One uses 5.
+        chunk_size: see :func:`cosine_topk`.
+
+    Returns:
+        :class:`Neighbours` (embeddings ``N x k x D``, indices ``N x k``, similarities ``N x k``), most similar first.
+    """
+    similarities, indices = cosine_topk(query, bank, k, chunk_size)  # Nxk, Nxk
     return Neighbours(bank.detach()[indices], indices, similarities)  # NxkxD, Nxk, Nxk

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
+from contrastkit.validation import positive_int
 from contrastkit.losses import distributed
 
 __all__ = ["MemoryQueue", "gather_no_grad"]
@@ -90,11 +91,8 @@ class MemoryQueue(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        for name, value in (("size", size), ("dim", dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"queue {name} must be an integer >= 1, got {value!r}")
-        self.size = size
-        self.dim = dim
+        self.size = positive_int(size, "queue size")
+        self.dim = positive_int(dim, "queue dim")
         self.gather_distributed = bool(gather_distributed)
         self.register_buffer("keys", torch.zeros(size, dim, dtype=dtype))  # KxD
         self.register_buffer("ptr", torch.zeros((), dtype=torch.long))  # next row to write
@@ -133,13 +131,13 @@ class MemoryQueue(nn.Module):
     def get_indices(self, oldest_first: bool = False) -> Tensor:
         """The dataset indices of the entries returned by :meth:`get` (``-1`` where none were given)."""
         if self.indices is None:
-            raise ConfigError("this queue keeps no indices; build it with store_indices=True")
+            raise RuntimeError("this queue keeps no indices; build it with store_indices=True")
         return self._rows(self.indices, oldest_first)
 
     def get_labels(self, oldest_first: bool = False) -> Tensor:
         """The labels of the entries returned by :meth:`get` (``-1`` where none were given)."""
         if self.labels is None:
-            raise ConfigError("this queue keeps no labels; build it with store_labels=True")
+            raise RuntimeError("this queue keeps no labels; build it with store_labels=True")
         return self._rows(self.labels, oldest_first)
 
     # ------------------------------------------------------------------------------------------------------ write
@@ -161,11 +159,11 @@ class MemoryQueue(nn.Module):
             labels: Optional labels, shape ``(n,)``, kept when the queue stores labels.
         """
         if keys.ndim != 2 or keys.shape[1] != self.dim:
-            raise ConfigError(f"queue keys must have shape (n, {self.dim}), got {tuple(keys.shape)}")
+            raise ValueError(f"queue keys must have shape (n, {self.dim}), got {tuple(keys.shape)}")
         n_local = keys.shape[0]
         for name, extra in (("indices", indices), ("labels", labels)):
             if extra is not None and tuple(extra.shape) != (n_local,):
-                raise ConfigError(f"queue {name} must have shape ({n_local},), got {tuple(extra.shape)}")
+                raise ValueError(f"queue {name} must have shape ({n_local},), got {tuple(extra.shape)}")
         keys = keys.detach()
         keys = keys if keys.dtype in (torch.float32, torch.float64) else keys.float()
         keys = F.normalize(keys, dim=1).to(self.keys.dtype)  # nxD, normalised in float32 (or float64)
@@ -186,12 +184,6 @@ class MemoryQueue(nn.Module):
         self._filled = min(self._filled + n, self.size)
         self.ptr.fill_(self._ptr)
         self.filled.fill_(self._filled)
-
-    def reset(self) -> None:
-        """Empty the queue (the storage is kept but no longer returned)."""
-        self._ptr = self._filled = 0
-        self.ptr.zero_()
-        self.filled.zero_()
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:

@@ -38,7 +38,7 @@ def check_plugins(cfg: Config) -> dict[str, Any]:
     for name, raw in cfg.plugins.items():
         cls = plugin_class(name)
         options[name] = cls.parse_options(raw)
-        cls.check_host(cfg.method.name, cfg.method.loss)
+        cls.check_host(cfg.method.name, cfg.method.contrastive_loss)  # infonce when unset
     return options
 
 
@@ -58,7 +58,7 @@ def host_rows() -> list[tuple[str, str | None]]:
     losses = sorted(first.values())
     rows: list[tuple[str, str | None]] = []
     for method, cls in METHODS.items():
-        rows += [(method, loss) for loss in losses] if cls.reads_loss else [(method, None)]
+        rows += [(method, loss) for loss in losses] if cls.own_loss is None else [(method, None)]
     return rows
 
 

@@ -1,11 +1,12 @@
 """Training callbacks and plumbing: checkpoint I/O, the divergence guard, the resume history, the resumable CSV
-log and the online kNN monitor."""
+log, the online kNN monitor and the progress bar (on stderr)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.callbacks.progress.tqdm_progress import TQDMProgressBar, Tqdm
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -161,6 +163,15 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
+class StderrProgressBar(TQDMProgressBar):
+    """Lightning's tqdm training bar on stderr (Lightning writes it to stdout, where it would mix with the result
+    table that ``contrastkit train`` prints). Only the training bar: runs have no validation loop."""
+
+    def init_train_tqdm(self) -> Tqdm:
+        return Tqdm(desc=self.train_description, position=2 * self.process_position, disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, file=sys.stderr, smoothing=0, bar_format=self.BAR_FORMAT)
+
+
 class TrainClock(L.Callback):
     """Training wall-clock time and images seen, excluding the time spent in monitors at epoch end.
 
@@ -201,7 +212,8 @@ class KNNMonitor(L.Callback):
     """Weighted kNN accuracy (InstDisc protocol) of the backbone every ``every_n_epochs`` epochs.
 
     Runs on global rank 0 only (the other ranks wait at the next collective), logs ``knn/top1`` and ``knn/top5``,
-    and keeps a history of ``(epoch, step, train_seconds, top1, top5)`` for the time-to-accuracy curve, with the
+    and keeps a history of ``(epoch, step, train_seconds, top1, top5)`` for the time-to-accuracy curve (``epoch`` and
+    ``step`` are 0-based indices of the epoch and of its last optimizer step, as in ``metrics.csv``), with the
     training time read from ``clock`` (which excludes the monitor's own time).
 
     Args:
@@ -255,13 +267,16 @@ class KNNMonitor(L.Callback):
                             self.num_classes, k=self.k, temperature=self.temperature)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        epoch = trainer.current_epoch + 1
-        if self.every <= 0 or (epoch % self.every != 0 and epoch != trainer.max_epochs):
+        done = trainer.current_epoch + 1  # epochs trained, this one included
+        last = done == trainer.max_epochs or 0 < trainer.max_steps <= trainer.global_step
+        if self.every <= 0 or (done % self.every != 0 and not last):
             return
         if trainer.global_rank != 0:
             return
         res = self.evaluate(pl_module.backbone, pl_module.device, trainer.global_step)  # type: ignore[attr-defined]
-        self.history.append({"epoch": epoch, "step": trainer.global_step, "train_seconds": self.clock.train_seconds,
+        # 0-based epoch and step indices, as in the metrics.csv row of the same value and the checkpoint names
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step - 1,
+                             "train_seconds": self.clock.train_seconds,
                              "knn_top1": res["top1"], "knn_top5": res["top5"]})
         pl_module.log("knn/top1", res["top1"], rank_zero_only=True, prog_bar=True)
         pl_module.log("knn/top5", res["top5"], rank_zero_only=True)

@@ -25,7 +25,7 @@ from contrastkit.augment.views import ViewPolicy
 from contrastkit.config import Config, config_from_dict, scaled_lr
 from contrastkit.errors import ConfigError, ContrastkitError
 from contrastkit.methods import SSLMethod, build_method
-from contrastkit.models import build_backbone
+from contrastkit.models import backbone_args, build_backbone
 from contrastkit.plugins import StepContext, build_plugins
 from contrastkit.training.callbacks import divergence_error
 from contrastkit.training.optim import build_optimizer, warmup_cosine
@@ -65,6 +65,9 @@ def index_loader(n: int, batch_size: int, seed: int, num_replicas: int, rank: in
 def build_view_policies(cfg: Config, image_size: int) -> list[ViewPolicy]:
     """The per-view augmentation policies of the run: the preset, then common and per-view overrides."""
     crop = cfg.views.crop_size or image_size
+    if crop > image_size:
+        raise ConfigError(f"views.crop_size={crop} is larger than the dataset's {image_size} px images; use at most "
+                          f"{image_size} (null = {image_size}), or decode larger images (data.image_size)")
     policies = policy_preset(cfg.views.preset, crop, cfg.views.num_views)
     if cfg.views.overrides and len(cfg.views.overrides) != cfg.views.num_views:
         raise ConfigError(
@@ -109,10 +112,12 @@ class SSLModule(L.LightningModule):
         self.save_hyperparameters()
         self.cfg: Config = config_from_dict(config)
         cfg = self.cfg
-        backbone, dim = build_backbone(
-            cfg.model.backbone, in_channels, cfg.model.cifar_stem, cfg.model.widths, cfg.model.blocks,
-            stem_stride=cfg.model.stem_stride,
-        )
+        backbone, dim = build_backbone(cfg.model.backbone, **backbone_args(cfg.model.backbone, cfg.model, in_channels))
+        crop = cfg.views.crop_size or image_size
+        if crop < getattr(backbone, "min_size", 1):  # ConvNet: each block halves the side
+            raise ConfigError(f"model.backbone={cfg.model.backbone} with {len(cfg.model.widths)} model.widths needs "
+                              f"inputs of at least {backbone.min_size} px, got {crop} px crops: use fewer "
+                              "model.widths or a larger views.crop_size")
         if cfg.model.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.method: SSLMethod = build_method(backbone, dim, cfg.method)
@@ -125,6 +130,9 @@ class SSLModule(L.LightningModule):
         self._aug_gen: torch.Generator | None = None
         self._aug_gen_state: torch.Tensor | None = None
         self._t_last: float | None = None
+        # train.compile: torch.compile's wrapper of the backbone, kept in a plain dict (not a registered sub-module)
+        # so that state dicts, checkpoints and exports keep the plain parameter names (no ``_orig_mod.`` prefix)
+        self._compiled: dict[str, torch.nn.Module] = {}
 
     # ----------------------------------------------------------------------------------------------------- data
     def attach_images(self, images: torch.Tensor) -> None:
@@ -173,7 +181,7 @@ class SSLModule(L.LightningModule):
         batch = plugins.select_batch(batch, self)
         imgs = self.images[batch]  # B x C x H x W uint8, on the device
         views = self.make_views(imgs, self._aug_gen)
-        out = plugins.add_extra_losses(self.method.forward_loss(views, self.progress()))
+        out = plugins.add_extra_losses(self.training_loss(views))
         loss = out["loss"]
         if not torch.isfinite(loss.detach()):
             raise divergence_error(self.cfg, f"the loss diverged (value {loss.item()}) at step {self.global_step}; "
@@ -189,6 +197,23 @@ class SSLModule(L.LightningModule):
             self.log("train/images_per_sec", ips, prog_bar=True, batch_size=bs)
         self._t_last = now
         return loss
+
+    def training_loss(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``method.forward_loss(views, progress)``; with ``train.compile`` the backbone runs compiled.
+
+        ``torch.compile`` (default inductor backend) wraps the backbone on first use; the wrapper shares the
+        backbone's parameters and buffers and stands in for ``method.backbone`` only during this call, so the
+        kNN monitor, evaluation, checkpoints and exports see the plain module (training only)."""
+        if not self.cfg.train.compile:
+            return self.method.forward_loss(views, self.progress())
+        plain = self.method.backbone
+        if "backbone" not in self._compiled:
+            self._compiled["backbone"] = torch.compile(plain)
+        self.method.backbone = self._compiled["backbone"]
+        try:
+            return self.method.forward_loss(views, self.progress())
+        finally:
+            self.method.backbone = plain
 
     def on_train_epoch_start(self) -> None:
         self._t_last = None

@@ -15,7 +15,6 @@ import math
 from collections.abc import Callable, Iterable
 
 import torch
-from torch import nn
 
 from contrastkit.config import OptimConfig
 from contrastkit.methods.base import ParamGroup
@@ -126,8 +125,3 @@ def warmup_cosine(total_steps: int, warmup_steps: int, start_factor: float = 0.0
         return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     return factor
-
-
-def no_decay_names(module: nn.Module) -> list[str]:
-    """Names of the parameters that get no weight decay (for documentation and tests)."""
-    return [n for n, p in module.named_parameters() if p.ndim <= 1]

@@ -1,7 +1,8 @@
 """``train(config)``: the whole pretraining run, usable without the CLI.
 
 Builds the dataset, the Lightning module and trainer (devices, DDP, precision, loggers, checkpoints, kNN
-monitor), trains, evaluates, and writes ``RUN_DIR/results.json`` (atomically, on global rank 0 only).
+monitor), trains, runs the final evaluation (:func:`contrastkit.evaluation.final_evaluation`), and writes
+``RUN_DIR/results.json`` (atomically, on global rank 0 only).
 
 Run directory layout::
 
@@ -30,23 +31,36 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from contrastkit.config import Config, TrainConfig, apply_overrides, config_from_dict, resume_changes, to_yaml
+from contrastkit.config import (
+    Config,
+    TrainConfig,
+    apply_overrides,
+    check_devices,
+    config_from_dict,
+    resume_changes,
+    to_yaml,
+)
 from contrastkit.data import ImageTensors, load_dataset
 from contrastkit.errors import ConfigError, DataError, RunInterrupted
+from contrastkit.evaluation.final import eval_size, final_evaluation, monitor_bank, split_role
 from contrastkit.io import write_json_atomic, write_text_atomic
+from contrastkit.methods import loss_name
 from contrastkit.training.callbacks import (
     AtomicCheckpointIO,
     DivergenceGuard,
     KNNMonitor,
     ResumableCSVLogger,
     ResumeHistory,
+    StderrProgressBar,
     TrainClock,
 )
 from contrastkit.training.module import SSLModule, index_loader, steps_per_epoch
+from contrastkit.training.quiet import quiet_lightning
 
 
 @dataclass
@@ -80,7 +94,8 @@ def load_split(cfg: Config, split: str) -> ImageTensors:
 
 
 def load_monitor_sets(cfg: Config) -> tuple[ImageTensors, ImageTensors] | None:
-    """The labelled bank/query sets of the kNN monitor, or None when off."""
+    """The whole labelled bank and query splits (``data.monitor_bank_split``, ``data.monitor_query_split``), or
+    None when off. The kNN monitor's bank is :func:`monitor_bank` of the first."""
     if not cfg.data.monitor_bank_split or not cfg.data.monitor_query_split:
         return None
     bank = load_split(cfg, cfg.data.monitor_bank_split)
@@ -91,9 +106,6 @@ def load_monitor_sets(cfg: Config) -> tuple[ImageTensors, ImageTensors] | None:
             f"{cfg.data.monitor_bank_split if bank.labels is None else cfg.data.monitor_query_split!r} has no "
             "labels; set data.monitor_bank_split/monitor_query_split to labelled splits or null"
         )
-    if cfg.data.monitor_bank_size and cfg.data.monitor_bank_size < len(bank):
-        g = torch.Generator().manual_seed(cfg.train.seed)
-        bank = bank.subset(torch.randperm(len(bank), generator=g)[: cfg.data.monitor_bank_size])
     return bank, query
 
 
@@ -116,7 +128,8 @@ def build_trainer(cfg: Config, callbacks: list[L.Callback], run_dir: Path, check
         ))
         cbs.append(DivergenceGuard(cfg))
     if cfg.train.progress_bar:
-        cbs.append(TQDMProgressBar(refresh_rate=10))
+        cbs.append(StderrProgressBar(refresh_rate=10))
+    quiet_lightning()
     try:
         return L.Trainer(
             accelerator=cfg.train.accelerator,
@@ -145,7 +158,7 @@ def build_trainer(cfg: Config, callbacks: list[L.Callback], run_dir: Path, check
             deterministic=False,
             default_root_dir=str(run_dir),
         )
-    except (ValueError, RuntimeError, TypeError) as e:  # Lightning's message names the bad setting
+    except (ValueError, RuntimeError, TypeError, MisconfigurationException) as e:  # Lightning's message names it
         raise ConfigError(f"invalid trainer setting: {str(e).splitlines()[0]}") from None
 
 
@@ -276,6 +289,7 @@ def train(cfg: Config, callbacks: list[L.Callback] | None = None) -> TrainResult
     from contrastkit.checkpoint import load_checkpoint_file
 
     cfg.validate()
+    check_devices(cfg)
     run_dir = Path(cfg.train.run_dir)
     resume = resolve_resume(cfg)
     saved_hp: dict[str, Any] | None = None
@@ -314,15 +328,16 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
     if len(data) == 0:
         raise DataError(f"dataset {cfg.data.name} split {cfg.data.train_split!r} is empty; check data.root")
     mean, std = data.channel_stats()
-    monitor_sets = load_monitor_sets(cfg) if cfg.train.knn_every_n_epochs > 0 or cfg.eval.knn else None
+    needs_labels = cfg.train.knn_every_n_epochs > 0 or cfg.eval.knn or cfg.eval.linear or cfg.eval.baselines
+    monitor_sets = load_monitor_sets(cfg) if needs_labels else None
 
     clock = TrainClock()
     extra: list[L.Callback] = [clock, history, *(callbacks or [])]
     knn_cb = None
-    if monitor_sets is not None:
+    if monitor_sets is not None and (cfg.train.knn_every_n_epochs > 0 or cfg.eval.knn):
         bank, query = monitor_sets
         num_classes = int(max(bank.labels.max(), query.labels.max())) + 1  # type: ignore[union-attr]
-        knn_cb = KNNMonitor(bank, query, mean, std, num_classes, k=cfg.train.knn_k,
+        knn_cb = KNNMonitor(monitor_bank(cfg, bank), query, mean, std, num_classes, k=cfg.train.knn_k,
                             temperature=cfg.train.knn_temperature,
                             every_n_epochs=cfg.train.knn_every_n_epochs if cfg.train.knn_every_n_epochs > 0
                             else 10**9, batch_size=cfg.eval.batch_size,
@@ -370,9 +385,11 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
     wall = time.perf_counter() - t0
 
     metrics: dict[str, Any] = {
-        "method": cfg.method.name, "loss": cfg.method.loss, "backbone": cfg.model.backbone,
+        "method": cfg.method.name, "loss": loss_name(cfg.method), "backbone": cfg.model.backbone,
         "dataset": cfg.data.name, "epochs": cfg.train.epochs, "batch_size": cfg.optim.batch_size,
-        "world_size": world, "steps": trainer.global_step, "fit_wall_seconds": wall,
+        "world_size": world, "steps": trainer.global_step, "steps_per_epoch": spe,
+        "epochs_completed": trainer.global_step // spe,  # stops early under train.max_steps
+        "fit_wall_seconds": wall,
         "peak_memory_mb": _peak_memory_mb(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
     }
@@ -384,6 +401,8 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
     if knn_cb is not None:
         metrics["splits"] = evaluation_splits(cfg)
         metrics["knn_history"] = knn_cb.history
+        metrics["knn_k"] = knn_cb.k  # train.knn_k, at most the bank size
+        metrics["knn_bank_size"] = len(knn_cb.bank)
         if knn_cb.history:
             role = split_role(cfg, cfg.data.monitor_query_split)
             metrics["knn_top1"] = metrics[f"knn_top1_{role}"] = knn_cb.history[-1]["knn_top1"]
@@ -404,18 +423,6 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
     return TrainResult(run_dir, last if last.exists() else None, metrics)
 
 
-def eval_size(cfg: Config, image_side: int) -> int | None:
-    """Evaluation input size: the training crop size when it differs from the stored images, else native."""
-    crop = cfg.views.crop_size
-    return crop if crop and crop != image_side else None
-
-
-def split_role(cfg: Config, split: str | None) -> str:
-    """``"test"`` for the configured test split, else ``"val"``: the suffix of the ``results.json`` keys of numbers
-    measured on ``split`` (``knn_top1_val``, ``linear_top1_test``, ...)."""
-    return "test" if split is not None and split == cfg.data.test_split else "val"
-
-
 def separate_test_split(cfg: Config) -> bool:
     """Whether the test split is evaluated once after training, apart from the monitor's query split."""
     return bool(cfg.data.test_split) and cfg.data.test_split != cfg.data.monitor_query_split
@@ -434,86 +441,6 @@ def load_labelled_split(cfg: Config, split: str) -> ImageTensors:
         raise DataError(f"{cfg.data.name} split {split!r} has no labels, so it cannot be evaluated; set "
                         "data.test_split to a labelled split or null")
     return ds
-
-
-def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: list[float], bank: ImageTensors,
-                     query: ImageTensors, features: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     test: ImageTensors | None = None) -> dict[str, Any]:
-    """The final numbers of a run: kNN on the test split, the baselines and the linear probe.
-
-    ``bank`` and ``query`` are the monitor's splits (the training split minus the validation images, and the
-    validation split); ``test`` is the test split, evaluated here once (``None``: the query split is the one
-    reported, as when ``data.test_split`` is null or equals ``data.monitor_query_split``). Keys carry the split:
-
-    * ``knn_test`` / ``knn_top1_test`` / ``knn_top5_test`` (``eval.knn``, with ``test``): the monitor's kNN on test.
-    * Baselines (``eval.baselines``), on the reported split: the same kNN on the random-init backbone, on raw pixels
-      normalised per channel like the network's input (``raw_pixels_knn``), and on raw pixels in [0, 1]
-      (``raw_pixels_unnormalised_knn``; cosine similarity of non-negative vectors, the weaker of the two, and the
-      usual "raw pixels" row elsewhere).
-    * ``linear`` (``eval.linear``): with ``test``, :func:`linear_probe` on bank + validation rows with the
-      hyper-parameters chosen on the validation rows (``val_rows``), the final head trained on both and tested on
-      ``test``: ``linear_top1_val``, ``linear_top1_test`` (and ``linear_top1``, the test number, as before).
-      Without ``test``: the probe's own held-out split of the bank, tested on ``query``.
-
-    ``features``: the trained backbone's ``(bank, query)`` features if already extracted (by the kNN monitor at
-    the final step); otherwise they are extracted here."""
-    from contrastkit.evaluation import extract_features, knn_evaluate, linear_probe
-    from contrastkit.models import build_backbone
-
-    device = module.device
-    size = eval_size(cfg, int(module.hparams["image_size"]))
-    val = query
-    report = test if test is not None else query  # the split whose numbers are reported (the baselines')
-    assert bank.labels is not None and val.labels is not None and report.labels is not None
-    yb, yv, yq = bank.labels.to(device), val.labels.to(device), report.labels.to(device)
-    num_classes = int(max(yb.max(), yv.max(), yq.max())) + 1
-    k, t = min(cfg.train.knn_k, len(bank)), cfg.train.knn_temperature
-    out: dict[str, Any] = {"final_split": cfg.data.test_split if test is not None else cfg.data.monitor_query_split}
-    trained: dict[str, torch.Tensor] = {}
-
-    def trained_features(name: str, images: torch.Tensor) -> torch.Tensor:  # N x D, each set extracted once
-        if name not in trained:
-            trained[name] = extract_features(module.backbone, images, mean, std, cfg.eval.batch_size, device, size)
-        return trained[name]
-
-    if features is not None:
-        trained["bank"], trained["val"] = features[0].to(device), features[1].to(device)
-    if test is not None and cfg.eval.knn:
-        res = knn_evaluate(trained_features("bank", bank.images), yb, trained_features("test", test.images), yq,
-                           num_classes, k=k, temperature=t)
-        out["knn_test"] = res
-        out["knn_top1_test"], out["knn_top5_test"] = res["top1"], res["top5"]
-    if cfg.eval.baselines:
-        torch.manual_seed(cfg.train.seed)
-        rand, _ = build_backbone(cfg.model.backbone, bank.channels, cfg.model.cifar_stem, cfg.model.widths,
-                                 cfg.model.blocks, stem_stride=cfg.model.stem_stride)
-        rand = rand.to(device)
-        fb = extract_features(rand, bank.images, mean, std, cfg.eval.batch_size, device, size)
-        fq = extract_features(rand, report.images, mean, std, cfg.eval.batch_size, device, size)
-        out["random_init_knn"] = knn_evaluate(fb, yb, fq, yq, num_classes, k=k, temperature=t)
-        pix = torch.nn.Flatten()
-        fb = extract_features(pix, bank.images, mean, std, cfg.eval.batch_size, device)
-        fq = extract_features(pix, report.images, mean, std, cfg.eval.batch_size, device)
-        out["raw_pixels_knn"] = knn_evaluate(fb, yb, fq, yq, num_classes, k=k, temperature=t)
-        zero, one = [0.0] * bank.channels, [1.0] * bank.channels  # pixels in [0, 1], not centred
-        fb = extract_features(pix, bank.images, zero, one, cfg.eval.batch_size, device)
-        fq = extract_features(pix, report.images, zero, one, cfg.eval.batch_size, device)
-        out["raw_pixels_unnormalised_knn"] = knn_evaluate(fb, yb, fq, yq, num_classes, k=k, temperature=t)
-    if cfg.eval.linear:
-        fb, fv = trained_features("bank", bank.images), trained_features("val", val.images)
-        if test is not None:  # choose on the validation rows, train the final head on bank + val, test once
-            rows = torch.arange(len(bank), len(bank) + len(val))
-            res = linear_probe(torch.cat([fb, fv]), torch.cat([yb, yv]), trained_features("test", test.images), yq,
-                               num_classes, epochs=cfg.eval.linear_epochs, device=device, seed=cfg.train.seed,
-                               val_rows=rows)
-            out["linear_top1_val"], out["linear_top1_test"] = res.val_top1, res.top1
-        else:
-            res = linear_probe(fb, yb, fv, yv, num_classes, epochs=cfg.eval.linear_epochs, device=device,
-                               seed=cfg.train.seed)
-            out[f"linear_top1_{split_role(cfg, cfg.data.monitor_query_split)}"] = res.top1
-        out["linear"] = res.to_dict()
-        out["linear_top1"] = res.top1
-    return out
 
 
 def _peak_memory_mb() -> float:

@@ -1,7 +1,9 @@
-"""Input validation shared by the evaluation protocols.
+"""Argument validation for every part of contrastkit: losses, queues, momentum schedules, evaluation protocols.
 
-Every check raises :class:`~contrastkit.errors.ConfigError` (a bad option) or :class:`~contrastkit.errors.DataError`
-(bad features, labels or images) with a one-line message that says what is wrong and how to fix it.
+Each check takes ``(value, name, ...)``, returns the value converted (``int``, ``float``, ...) and raises
+:class:`~contrastkit.errors.ConfigError` (a bad option) or :class:`~contrastkit.errors.DataError` (bad features,
+labels or images) with a one-line message that says what is wrong and how to fix it. The run configuration's own
+keys are checked by :meth:`contrastkit.config.Config.validate`, which names the key.
 """
 
 from __future__ import annotations
@@ -41,11 +43,25 @@ def positive_int(value: object, name: str) -> int:
     return int(value)
 
 
-def positive_float(value: object, name: str) -> float:
-    """``value`` as a finite ``float`` > 0."""
+def positive_float(value: object, name: str, hint: str = "") -> float:
+    """``value`` as a finite ``float`` > 0 (``bool`` is rejected); ``hint`` (how to fix it) ends the message."""
     if not is_real(value) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}" + (f"; {hint}" if hint else ""))
     return float(value)
+
+
+def number_in(value: object, name: str, low: float, high: float) -> float:
+    """``value`` as a ``float`` in the closed interval ``[low, high]`` (``bool`` and NaN are rejected)."""
+    if not is_real(value) or not low <= value <= high:
+        raise ConfigError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+def check_flag(value: object, name: str) -> bool:
+    """``value`` if it is a ``bool``, else a ConfigError naming ``name``."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def float_grid(value: float | Sequence[float], name: str, allow_zero: bool) -> tuple[float, ...]:

@@ -1,22 +1,16 @@
-"""In-memory image datasets as uint8 tensors, plus helpers shared by the dataset readers.
+"""In-memory image datasets as uint8 tensors: :class:`ImageTensors` and the tensor helpers of the readers.
 
 Every dataset is returned as an :class:`ImageTensors`: all images as one ``uint8`` tensor of shape ``N x C x H x W``
 and (when labelled) an ``int64`` label tensor of shape ``N``. Augmentation and normalisation run later, batched on the
-training device, so nothing here converts to float except :meth:`ImageTensors.channel_stats`.
+training device, so nothing here converts to float except :meth:`ImageTensors.channel_stats` and the resize.
 """
 
 from __future__ import annotations
 
-import errno
-import hashlib
-import json
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -25,7 +19,7 @@ import torch.nn.functional as F
 
 from contrastkit.errors import DataError
 
-__all__ = ["ImageTensors", "IndexLike"]
+__all__ = ["ImageTensors", "IndexLike", "resize_images", "tensor_from_numpy"]
 
 #: What :meth:`ImageTensors.subset` accepts: a slice, a range, a sequence of ints, an int64/bool tensor or array.
 IndexLike = Union[slice, range, Sequence[int], torch.Tensor, np.ndarray]
@@ -33,10 +27,6 @@ IndexLike = Union[slice, range, Sequence[int], torch.Tensor, np.ndarray]
 # Elements (bytes of uint8) processed per chunk in chunked loops: 16 Mi elements keeps the float64 temporaries at
 # 128 MiB whatever the image size.
 _CHUNK_ELEMENTS = 1 << 24
-
-#: Name of the cache folder created inside a dataset's root (when writable).
-CACHE_FOLDER = ".contrastkit-cache"
-
 
 @dataclass(eq=False, repr=False)
 class ImageTensors:
@@ -173,10 +163,6 @@ class ImageTensors:
             yield self.images[start : start + step]
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Helpers shared by the readers (private to contrastkit.data).
-
-
 def _describe(x: object) -> str:
     if isinstance(x, (torch.Tensor, np.ndarray)):
         return f"{type(x).__name__} of dtype {x.dtype} and shape {tuple(x.shape)}"
@@ -215,101 +201,3 @@ def resize_images(images: torch.Tensor, size: int) -> torch.Tensor:
         y = y[:, :, top : top + size, left : left + size]
         out[start : start + step] = y.round_().clamp_(0, 255).to(torch.uint8)
     return out
-
-
-def check_image_size(image_size: object) -> int | None:
-    """Validate the ``image_size`` argument (``None`` or an int >= 4)."""
-    if image_size is None:
-        return None
-    if isinstance(image_size, bool) or not isinstance(image_size, (int, np.integer)) or image_size < 4:
-        raise DataError(f"image_size must be an integer >= 4 (or None for the native size), got {image_size!r}")
-    return int(image_size)
-
-
-def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    """Validate an integer option ``low <= value <= high`` and return it as ``int``."""
-    ok = not isinstance(value, bool) and isinstance(value, (int, np.integer))
-    if ok and value >= low and (high is None or value <= high):
-        return int(value)
-    bound = f">= {low}" if high is None else f"in {low}..{high}"
-    raise DataError(f"option {name} must be an integer {bound}, got {value!r}")
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (for embedding in a DataError)."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def writable_dir(path: Path) -> bool:
-    """Whether ``path`` exists or can be created and a file can be written in it."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
-            pass
-        return True
-    except OSError:
-        return False
-
-
-def create_npy(path: Path, shape: tuple[int, ...]) -> np.memmap:
-    """Create a uint8 ``.npy`` file of ``shape`` at ``path`` and return it memory-mapped for writing.
-
-    The file's blocks are reserved up front (``posix_fallocate``) where the file system supports it, so a full disk
-    raises ``OSError`` here instead of a SIGBUS later while writing through the map.
-    """
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-    if hasattr(os, "posix_fallocate"):
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise
-        finally:
-            os.close(fd)
-    return out
-
-
-def default_cache_home() -> Path:
-    """``$XDG_CACHE_HOME/contrastkit`` or ``~/.cache/contrastkit``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "contrastkit"
-
-
-def resolve_cache_dir(root: Path, option: str | os.PathLike[str] | None, kind: str) -> Path:
-    """The folder for a dataset's derived cache files.
-
-    Args:
-        root: the dataset root.
-        option: the user's ``cache_dir`` option; when given it must be writable.
-        kind: sub-folder name used under the per-user cache, e.g. ``"imagefolder"``.
-
-    Returns:
-        ``option`` if given, else ``<root>/.contrastkit-cache`` if writable, else ``$XDG_CACHE_HOME/contrastkit/<kind>``
-        (``~/.cache/contrastkit/<kind>``).
-    """
-    if option is not None:
-        path = Path(option).expanduser()
-        if not writable_dir(path):
-            raise DataError(f"cache_dir {path} is not writable; pass a writable folder as cache_dir")
-        return path
-    for candidate in (root / CACHE_FOLDER, default_cache_home() / kind):
-        if writable_dir(candidate):
-            return candidate
-    raise DataError(
-        f"cannot write the {kind} cache: neither {root / CACHE_FOLDER} nor {default_cache_home() / kind} is writable; "
-        "pass a writable folder as cache_dir"
-    )
-
-
-def digest(obj: object) -> str:
-    """A short stable hash of a JSON-serialisable object (for cache keys)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def prune_cache(cache: Path, slot: str, keep: str) -> None:
-    """Delete the files ``<slot>-*`` in ``cache`` that do not start with ``keep`` (caches of older contents)."""
-    for path in cache.glob(f"{slot}-*"):
-        if not path.name.startswith(keep):
-            path.unlink(missing_ok=True)
