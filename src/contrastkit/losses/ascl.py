@@ -48,7 +48,8 @@ from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
 from contrastkit.losses import distributed
-from contrastkit.losses.common import at_least_float32, autocast_disabled, check_flag, check_pair, positive_float
+from contrastkit.losses.common import at_least_float32, autocast_disabled, check_pair
+from contrastkit.validation import check_flag, positive_float
 from contrastkit.losses.contrastive import two_view_logits
 from contrastkit.losses.queue import QueueInfoNCELoss
 
@@ -114,7 +115,7 @@ class _ASCLOptions:
     """Validation of the shared ASCL hyper-parameters and the statistics every variant records."""
 
     def _init_ascl(self, target_temperature: float, neighbours: int, targets: str) -> None:
-        self.target_temperature = positive_float("target_temperature", target_temperature,
+        self.target_temperature = positive_float(target_temperature, "target_temperature",
                                                  "use the official code's 0.05")
         if isinstance(neighbours, bool) or not isinstance(neighbours, int) or neighbours < 1:
             raise ConfigError(f"neighbours must be an integer >= 1, got {neighbours!r}; the official default is 1")
@@ -195,8 +196,8 @@ class InBatchASCLLoss(_ASCLOptions, nn.Module):
     def __init__(self, temperature: float = 0.1, target_temperature: float = 0.05, neighbours: int = 1,
                  targets: str = "ascl", gather_distributed: bool = False) -> None:
         super().__init__()
-        self.temperature = positive_float("temperature", temperature, "use the official code's 0.1")
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.temperature = positive_float(temperature, "temperature", "use the official code's 0.1")
+        self.gather_distributed = check_flag(gather_distributed, "gather_distributed")
         self._init_ascl(target_temperature, neighbours, targets)
 
     def extra_repr(self) -> str:
@@ -227,7 +228,7 @@ class ASCLNormalizedMSELoss(_ASCLOptions, nn.Module):
     def __init__(self, target_temperature: float = 0.05, neighbours: int = 1, targets: str = "ascl",
                  gather_distributed: bool = False) -> None:
         super().__init__()
-        self.gather_distributed = check_flag("gather_distributed", gather_distributed)
+        self.gather_distributed = check_flag(gather_distributed, "gather_distributed")
         self._init_ascl(target_temperature, neighbours, targets)
 
     def extra_repr(self) -> str:
