@@ -209,6 +209,17 @@ def test_normal_targets_equal_the_host_losses():
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+def test_ascl_losses_raise_value_error_on_a_shape_mismatch():
+    """A shape mismatch inside a forward pass is a programming error (ValueError with a traceback), not a user's
+    configuration error, as for the host losses."""
+    a, b = torch.randn(4, 6), torch.randn(4, 5)
+    for call in (lambda: ASCLNormalizedMSELoss()(a, b), lambda: ASCLLoss()(a, b, None),
+                 lambda: InBatchASCLLoss()(a, b)):
+        with pytest.raises(ValueError, match="shape") as e:
+            call()
+        assert not isinstance(e.value, ConfigError)
+
+
 def test_uniform_similarities_give_zero_confidence_and_moco():
     g = torch.Generator().manual_seed(1)
     q, k = torch.randn(4, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)

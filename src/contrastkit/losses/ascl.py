@@ -237,8 +237,8 @@ class ASCLNormalizedMSELoss(_ASCLOptions, nn.Module):
     def forward(self, prediction: Tensor, target: Tensor) -> Tensor:
         """Loss of ``n`` predictions ``h`` against the target keys ``k`` (``n x D`` each, normalised inside)."""
         if prediction.ndim != 2 or prediction.shape != target.shape:
-            raise ConfigError(f"prediction and target must both have shape (n, D), got {tuple(prediction.shape)} "
-                              f"and {tuple(target.shape)}")
+            raise ValueError(f"prediction and target must both have shape (n, D), got {tuple(prediction.shape)} "
+                             f"and {tuple(target.shape)}")
         with autocast_disabled(prediction.device.type):
             h = F.normalize(at_least_float32(prediction), dim=1)  # nxD
             k = F.normalize(at_least_float32(target.detach()), dim=1).to(h.dtype)  # nxD
