@@ -1,6 +1,6 @@
 """Two processes (gloo, CPU, DDP) on half batches must train exactly like one process on the whole batch, for MoCo,
-NNCLR, BYOL and Barlow Twins: same losses, same (DDP-averaged) gradients over two optimizer steps, same momentum
-teacher, and a global queue identical on both ranks and equal to the single-process queue.
+NNCLR, BYOL and Barlow Twins, and for MoCo, BYOL and SimCLR with the ASCL plug-in: same losses, same (DDP-averaged)
+gradients over two optimizer steps, same momentum teacher, and a global queue identical on both ranks and equal to the single-process queue.
 
 BatchNorm: with local statistics, BN makes half batches differ from the whole batch by design, so most cases use
 BN-free backbones and heads; what they test is the communication (gathered negatives, global queue, all-reduced
@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from contrastkit.config import load_config
 from contrastkit.methods import SSLMethod, build_method
+from contrastkit.plugins import build_plugins
 
 from distributed_utils import run_gloo
 
@@ -46,6 +47,13 @@ CASES: dict[str, list[str]] = {
     "nnclr-dcl": NO_BN + ["method.name=nnclr", "method.loss=dcl", "method.queue_size=64"],
     "byol": NO_BN + ["method.name=byol", "method.momentum_base=0.9"],
     "barlow": NO_BN + ["method.name=barlow", "method.proj_layers=3", "method.barlow_scale=1.0"],
+    # ASCL plug-in: MoCo (targets from the global queue; step 0: from the gathered keys), BYOL and SimCLR (in-batch
+    # targets over the global batch); a high target temperature keeps the targets far from one-hot
+    "moco-ascl": NO_BN + ["method.name=moco", "method.loss=infonce", "method.shuffle_bn=shuffle",
+                          "method.queue_size=12", "plugins.ascl={neighbours: 2, target_temperature: 0.5}"],
+    "byol-ascl": NO_BN + ["method.name=byol", "method.momentum_base=0.9", "plugins.ascl={target_temperature: 0.5}"],
+    "simclr-ascl": NO_BN + ["method.name=simclr", "method.loss=infonce",
+                            "plugins.ascl={neighbours: 3, target_temperature: 0.5}"],
 }
 BN_CASES = {"moco-bn"}
 
@@ -61,7 +69,9 @@ def _backbone(bn: bool) -> nn.Module:
 def _build(case: str, overrides: list[str] | None = None) -> SSLMethod:
     cfg = load_config(None, CASES[case] + (overrides or []))
     torch.manual_seed(0)
-    return build_method(_backbone(case in BN_CASES), 8, cfg.method).double()
+    method = build_method(_backbone(case in BN_CASES), 8, cfg.method)
+    method.use_plugins(build_plugins(cfg))
+    return method.double()
 
 
 def _data() -> list[list[Tensor]]:

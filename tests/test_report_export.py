@@ -476,12 +476,13 @@ def test_report_compares_two_runs(runs, tmp_path, capsys):
     rows = _table(md)
     assert [r[0] for r in rows] == ["run_a", "run_b"]
     assert [r[1] for r in rows] == ["simclr", SECOND_METHOD]
-    assert rows[0][2] == "dcl" and rows[1][2] == ("barlow twins" if SECOND_METHOD == "barlow" else "infonce")
+    assert [r[2] for r in rows] == ["-", "-"]  # no plug-ins
+    assert rows[0][3] == "dcl" and rows[1][3] == ("barlow twins" if SECOND_METHOD == "barlow" else "infonce")
     for row, key in zip(rows, ("simclr", "second")):
         res = json.loads((runs[key] / "results.json").read_text())
-        assert row[5] == "64" and row[6] == "2"
-        assert row[7] == f"{res['knn_top1_val']:.2f}" and row[8] == f"{res['knn_top1_test']:.2f}"
-        assert row[11] == f"{res['images_per_sec']:.0f}"
+        assert row[6] == "64" and row[7] == "2"
+        assert row[8] == f"{res['knn_top1_val']:.2f}" and row[9] == f"{res['knn_top1_test']:.2f}"
+        assert row[12] == f"{res['images_per_sec']:.0f}"
     for name in ("loss.png", "knn_top1.png", "lr.png"):
         assert _is_png(out / name), name
         assert f"]({name})" in md
@@ -509,14 +510,14 @@ def test_report_counts_only_the_runs_own_protocol_as_its_linear_top1(runs, tmp_p
                  "data.options={}", "--epochs", "2", "--device", "cpu"]) == 0
     assert "not the run's own protocol" in capsys.readouterr().err
     md = build_report([run], tmp_path / "r").read_text()
-    assert _table(md)[0][9] == f"{own['top1']:.2f} (eval)"
+    assert _table(md)[0][10] == f"{own['top1']:.2f} (eval)"
     other_lines = [ln for ln in md.splitlines() if ln.startswith("- `run`: linear top-1")]
     assert len(other_lines) == 1 and "on imagefolder test (bank train), 2 epochs, backbone features" in other_lines[0]
 
     # Without the own-protocol probe, the table has no linear top-1 at all.
     (ckpt.with_name(ckpt.name + ".features") / "results-linear.json").unlink()
     md = build_report([run], tmp_path / "r").read_text()
-    assert _table(md)[0][9] == "-" and "Other evaluations" in md
+    assert _table(md)[0][10] == "-" and "Other evaluations" in md
 
 
 def test_report_marks_incomplete_runs_and_refuses_non_runs(runs, tmp_path, capsys):
@@ -525,7 +526,7 @@ def test_report_marks_incomplete_runs_and_refuses_non_runs(runs, tmp_path, capsy
     (running / "results.json").unlink()
     md = build_report([runs["simclr"], running], tmp_path / "r").read_text()
     rows = _table(md)
-    assert len(rows) == 2 and "incomplete" in rows[1][6] and rows[1][7] == "-"
+    assert len(rows) == 2 and "incomplete" in rows[1][7] and rows[1][8] == "-"
     assert "Incomplete runs" in md
 
     (tmp_path / "empty").mkdir()

@@ -111,7 +111,7 @@ def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, ste
         _sync(dev)
         t = time.perf_counter()
         with autocast:
-            loss = module.training_loss(views)["loss"]
+            loss = module.method.plugins.add_extra_losses(module.training_loss(views))["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -156,12 +156,15 @@ def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, ste
 
 def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100, warmup: int = 10,
                    device: str | None = None, methods: list[str] | None = None, dataset: str | None = None,
-                   precision: str = "32", as_json: bool = False, overrides: list[str] | None = None
-                   ) -> list[dict[str, Any]]:
+                   precision: str = "32", as_json: bool = False, overrides: list[str] | None = None,
+                   plugins: list[str] | None = None) -> list[dict[str, Any]]:
     """Run :func:`bench_setting` for each method x backbone on ``device`` (default ``None``: CUDA if available,
     else the CPU). ``dataset`` (``fashion-mnist`` or ``synthetic``) is used for every backbone; by default
     (``None``) ``small_resnet``/``convnet`` run on Fashion-MNIST and torchvision ResNets on 3x32x32 synthetic images
     with the CIFAR stem (the CIFAR setting).
+
+    ``plugins``: each setting runs twice, side by side: without plug-ins (``plugins.*`` overrides dropped) and
+    with the named plug-ins on (``plugins.NAME={}`` unless ``overrides`` configure them).
 
     Raises:
         ConfigError: ``steps`` < 1, ``warmup`` < 0, ``batch_size`` < 2, an unknown ``dataset`` or ``precision``,
@@ -182,14 +185,27 @@ def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100
         raise ConfigError(f"bench --device {device}: CUDA is not available on this machine; use --device cpu")
     if torch.device(device).type != "cuda" and precision == "16":
         raise ConfigError("bench --precision 16 needs a CUDA device; use --precision bf16 or 32 on the CPU")
+    base = [o for o in overrides or [] if not o.startswith("plugins")]
+    variants = [("-", base)]
+    if plugins:
+        configured = [o for o in overrides or [] if o.startswith("plugins")]
+        on = [f"plugins.{name}={{}}" for name in plugins if not any(o.startswith(f"plugins.{name}") for o in configured)]
+        variants.append((",".join(plugins), on + list(overrides or [])))
     records = []
     for method in methods or ["simclr"]:
         for backbone in backbones:
             ds = dataset or ("synthetic" if backbone.startswith("resnet") else "fashion-mnist")
-            r = bench_setting(backbone, method, ds, batch_size, steps, warmup, device, precision, overrides)
-            records.append(r)
-            if not as_json:
-                print(f"{method:8s} {backbone:13s} {ds:14s} views {r['views_images_per_sec']:9.0f}/s  "
-                      f"model {r['model_images_per_sec']:7.0f}/s  end-to-end {r['end_to_end_images_per_sec']:7.0f}/s"
-                      f"  ratio {r['ratio_end_to_end_over_model']:.2f}  peak {r['peak_memory_mb']:.0f} MB")
+            for label, ov in variants:
+                r = bench_setting(backbone, method, ds, batch_size, steps, warmup, device, precision, ov)
+                r["plugins"] = label
+                records.append(r)
+                if not as_json:
+                    _print_record(r)
     return records
+
+
+def _print_record(r: dict[str, Any]) -> None:
+    print(f"{r['method']:8s} {r['plugins']:6s} {r['backbone']:13s} {r['dataset']:14s} "
+          f"views {r['views_images_per_sec']:9.0f}/s  "
+          f"model {r['model_images_per_sec']:7.0f}/s  end-to-end {r['end_to_end_images_per_sec']:7.0f}/s"
+          f"  ratio {r['ratio_end_to_end_over_model']:.2f}  peak {r['peak_memory_mb']:.0f} MB")

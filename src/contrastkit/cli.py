@@ -12,6 +12,8 @@
     contrastkit export CHECKPOINT [--out backbone.pt]
     contrastkit embed CHECKPOINT DATASET [--split test] [--root PATH] [--out features.npy|.npz]
     contrastkit bench throughput [--backbone small_resnet resnet18] [--batch-size 256] [--steps 100] [--json]
+                                 [--plugin ascl]   (each setting without and with the plug-in, side by side)
+    contrastkit plugins          the host x plug-in compatibility matrix
 
 Errors caused by input (paths, data, configuration) print one line ``error: ...`` and exit with status 2.
 """
@@ -230,7 +232,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     records = run_throughput(backbones=args.backbone, batch_size=args.batch_size, steps=args.steps,
                              warmup=args.warmup, device=args.device, methods=args.method, dataset=args.dataset,
-                             precision=args.precision, as_json=args.json, overrides=args.overrides)
+                             precision=args.precision, as_json=args.json, overrides=args.overrides,
+                             plugins=args.plugins)
     if args.json:
         for r in records:
             print(json.dumps(r))
@@ -338,8 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     tp.add_argument("--precision", default="32", choices=["32", "bf16", "16"])
     tp.add_argument("--json", action="store_true", help="one JSON record per setting")
+    tp.add_argument("--plugin", action="append", default=[], metavar="NAME", dest="plugins",
+                    help="also run each setting with this plug-in on (repeatable; options: plugins.NAME.KEY=V "
+                         "overrides, which apply to the plug-in runs only)")
     tp.set_defaults(func=cmd_bench)
+
+    pg = sub.add_parser("plugins", help="print the host x plug-in compatibility matrix")
+    pg.set_defaults(func=cmd_plugins)
     return p
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from contrastkit.plugins import plugin_matrix
+
+    print("host (method.name + method.loss) x plug-in (plugins.NAME): yes = compatible, - = refused")
+    print(plugin_matrix())
+    return 0
 
 
 def _add_common_eval_args(p: argparse.ArgumentParser) -> None:

@@ -1,8 +1,9 @@
 """Run configuration: typed dataclasses, YAML presets and ``key=value`` overrides.
 
 A run is described by one :class:`Config` made of sections (``data``, ``views``, ``model``, ``method``, ``optim``,
-``train``, ``eval``). ``contrastkit train configs/x.yaml optim.lr=0.5 method.loss=dcl`` loads the YAML file over
-the defaults, then applies the overrides. Unknown keys and values of the wrong type or outside their range are
+``train``, ``eval``) and an optional ``plugins`` section (plug-in name -> options, see :mod:`contrastkit.plugins`).
+``contrastkit train configs/x.yaml optim.lr=0.5 method.loss=dcl`` loads the YAML file over the defaults, then
+applies the overrides. Unknown keys and values of the wrong type or outside their range are
 refused with a :class:`~contrastkit.errors.ConfigError` that names the key.
 
 Learning-rate scaling rule (``optim.lr_scaling``): the configured ``optim.lr`` is the learning rate for a global
@@ -174,6 +175,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    #: plug-in name -> its options (``plugins.ascl.neighbours=5``); absent = off (see contrastkit.plugins)
+    plugins: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -257,6 +260,9 @@ class Config:
             raise ConfigError(f"{which}=true needs labelled splits, but data.monitor_bank_split/monitor_query_split "
                               f"is null; set them (e.g. train and test) or set {which}=false")
         _check(self.model.stem_stride in (1, 2), "model.stem_stride", self.model.stem_stride, "1 or 2")
+        from contrastkit.plugins import check_plugins
+
+        check_plugins(self)  # unknown plug-ins, bad options, incompatible hosts
         return self
 
 
@@ -374,8 +380,32 @@ def _section_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _apply_plugin(cfg: Config, parts: list[str], value: Any) -> None:
+    """``plugins`` (name -> options), ``plugins.NAME`` (options; null = off) or ``plugins.NAME.KEY`` (one option);
+    the options themselves are validated by the plug-in (:func:`contrastkit.plugins.check_plugins`)."""
+    key = ".".join(parts)
+    if len(parts) == 1:
+        if not isinstance(value, dict):
+            raise ConfigError(f"invalid value {value!r} for plugins: expected a mapping like {{ascl: {{}}}}")
+        for name, options in value.items():
+            _apply_plugin(cfg, ["plugins", str(name)], options)
+    elif len(parts) == 2:
+        if value is None:
+            cfg.plugins.pop(parts[1], None)
+        elif not isinstance(value, dict):
+            raise ConfigError(f"invalid value {value!r} for {key}: expected a mapping of options like {{}}")
+        else:
+            cfg.plugins[parts[1]] = {**cfg.plugins.get(parts[1], {}), **value}
+    elif len(parts) == 3:
+        cfg.plugins.setdefault(parts[1], {})[parts[2]] = value
+    else:
+        raise ConfigError(f"unknown config key {key!r}: plug-in keys look like plugins.NAME.OPTION")
+
+
 def _apply(cfg: Config, key: str, value: Any) -> None:
     parts = key.split(".")
+    if parts[0] == "plugins":
+        return _apply_plugin(cfg, parts, value)
     if len(parts) != 2:
         if len(parts) == 1 and parts[0] in _section_types(Config):
             if not isinstance(value, dict):

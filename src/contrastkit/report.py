@@ -2,7 +2,7 @@
 
 For every run directory (written by :func:`contrastkit.training.train`) it reads
 
-* ``RUN_DIR/config.yaml``: method, loss, backbone, dataset, batch size, epochs;
+* ``RUN_DIR/config.yaml``: method, plug-ins, loss, backbone, dataset, batch size, epochs;
 * ``RUN_DIR/results.json``: kNN top-1, linear top-1 (``eval.linear=true``), time per epoch, images/s, peak memory.
   A linear-probe result of ``contrastkit eval linear RUN_DIR/checkpoints/last.ckpt`` is used when ``results.json``
   has none, if it is on the run's own protocol (its dataset and splits, backbone features, ``eval.linear_epochs``
@@ -15,8 +15,9 @@ For every run directory (written by :func:`contrastkit.training.train`) it reads
   ``(step + 1) / steps_per_epoch``; kNN values at the end of their epoch).
 
 and writes ``OUT/report.md`` plus ``OUT/loss.png``, ``OUT/knn_top1.png``, ``OUT/lr.png`` and, when a run used
-``train.online_linear=true``, ``OUT/online_linear.png`` (a plot is left out when no run logged that metric; the
-Markdown then says so, except for the optional online probe). Every file is written to a temporary name and renamed.
+``train.online_linear=true``, ``OUT/online_linear.png``, and with ``plugins.ascl``, ``OUT/ascl_confidence.png`` and
+``OUT/ascl_mass.png`` (a plot is left out when no run logged that metric; the Markdown then says so, except for
+the optional online probe and plug-in curves). Every file is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -41,7 +42,13 @@ CURVES: dict[str, tuple[str, str, str]] = {
     "knn/top1": ("knn_top1", "kNN top-1 (monitor)", "top-1 (%)"),
     "train/lr": ("lr", "learning rate", "learning rate"),
     "online_linear/acc": ("online_linear", "online linear probe accuracy (train.online_linear)", "top-1 (%)"),
+    "train/ascl_confidence": ("ascl_confidence", "ASCL mean confidence c (plugins.ascl)", "c"),
+    "train/ascl_mass": ("ascl_mass", "ASCL target mass outside the positive (plugins.ascl)", "mass"),
 }
+#: Curves drawn only when some run logged them (optional monitors and plug-ins).
+_OPTIONAL = ("online_linear", "train/ascl_")
+
+
 @dataclass
 class RunSummary:
     """What the report knows about one run directory.
@@ -216,6 +223,13 @@ def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     return sec if isinstance(sec, dict) else {}
 
 
+def plugins_of(cfg: dict[str, Any]) -> str:
+    """The plug-ins a run trained with (the names of its ``plugins`` section, see :mod:`contrastkit.plugins`), or
+    ``-``."""
+    raw = cfg.get("plugins")
+    return ", ".join(sorted(map(str, raw))) if isinstance(raw, dict) and raw else "-"
+
+
 def _fmt(v: Any, spec: str = ".2f", unit: str = "") -> str:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return "-"
@@ -255,14 +269,14 @@ def table_row(run: RunSummary) -> list[str]:
     if run.linear_source == "eval" and split["linear_top1_test"] is not None:
         linear += " (eval)"
     return [
-        run.name, name, loss, str(_section(cfg, "model").get("backbone", "-")),
+        run.name, name, plugins_of(cfg), loss, str(_section(cfg, "model").get("backbone", "-")),
         str(_section(cfg, "data").get("name", "-")), batch_s, epochs_s, _fmt(split["knn_top1_val"]),
         _fmt(split["knn_top1_test"]), linear, _duration(res.get("seconds_per_epoch")),
         _fmt(res.get("images_per_sec"), ".0f"), _fmt(res.get("peak_memory_mb"), ".0f", " MB"),
     ]
 
 
-TABLE_HEADER = ["run", "method", "loss", "backbone", "dataset", "batch size", "epochs", "kNN val",
+TABLE_HEADER = ["run", "method", "plug-ins", "loss", "backbone", "dataset", "batch size", "epochs", "kNN val",
                 "kNN test", "linear test", "time / epoch", "images/s", "peak memory"]
 
 
@@ -352,7 +366,7 @@ def build_report(run_dirs: list[str | Path], out_dir: str | Path = "report") -> 
     lines += ["## Training curves", ""]
     for column, (stem, title, _) in CURVES.items():
         png = plot_curves(runs, column, out / f"{stem}.png")
-        if png is None and column.startswith("online_linear"):
+        if png is None and column.startswith(_OPTIONAL):
             continue
         if png is None:
             lines += [f"*{title}: not logged by any run.*", ""]

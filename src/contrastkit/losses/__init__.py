@@ -1,9 +1,11 @@
 """Contrastive losses: InfoNCE / NT-Xent, DCL, DCLW, their functional core and distributed helpers; the
-query-key (queue / support-set) variants of MoCo and NNCLR, BYOL's normalised MSE and Barlow Twins' loss.
+query-key (queue / support-set) variants of MoCo and NNCLR, BYOL's normalised MSE, Barlow Twins' loss and ASCL's
+soft-target variants of them.
 
 >>> from contrastkit.losses import InfoNCELoss, DCLLoss, DCLWLoss, build_loss
 """
 
+from contrastkit.losses.ascl import ASCLLoss, ASCLNormalizedMSELoss, InBatchASCLLoss, ascl_targets
 from contrastkit.losses.barlow import BarlowTwinsLoss
 from contrastkit.losses.contrastive import (
     LOSSES,
@@ -25,6 +27,10 @@ from contrastkit.losses.queue import (
 from contrastkit.losses.regression import NormalizedMSELoss
 
 __all__ = [
+    "ASCLLoss",
+    "ASCLNormalizedMSELoss",
+    "InBatchASCLLoss",
+    "ascl_targets",
     "LOSSES",
     "QUEUE_LOSSES",
     "BarlowTwinsLoss",

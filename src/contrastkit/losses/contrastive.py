@@ -16,7 +16,7 @@ whose negatives come from elsewhere (a MoCo queue, NNCLR's support set).
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +32,11 @@ __all__ = [
     "DCLWLoss",
     "InfoNCELoss",
     "LOSSES",
+    "TwoViewLogits",
     "build_loss",
     "contrastive_from_logits",
     "dclw_weights",
+    "two_view_logits",
 ]
 
 
@@ -110,6 +112,54 @@ def dclw_weights(z1: Tensor, z2: Tensor, sigma: float = 0.5) -> Tensor:
         return 2.0 - sim.shape[0] * torch.softmax(sim / sigma, dim=0)  # N
 
 
+class TwoViewLogits(NamedTuple):
+    """The logits of the ``2n`` local anchors of a two-view batch (see :func:`two_view_logits`)."""
+
+    pos: Tensor  # 2n, logit of each anchor's positive (the other view of its image)
+    neg: Tensor  # 2nx2N, logits of all candidates; the anchor itself and its positive are -inf
+    candidates: Tensor  # 2NxD, the normalised embeddings of both views of the (global) batch, view 1 first
+    pos_col: Tensor  # 2n, column of each anchor's positive in ``candidates``
+    z1_all: Tensor  # NxD
+    z2_all: Tensor  # NxD
+    offset: int  # global index of this process's first pair
+
+
+def two_view_logits(z1: Tensor, z2: Tensor, temperature: float, gather_distributed: bool) -> TwoViewLogits:
+    """Anchor-candidate logits of normalised ``z1``, ``z2`` (``n x D``): every embedding of both views is an anchor,
+    its positive the other view of its image, its ``2N - 2`` negatives all the other embeddings of the (global, under
+    ``gather_distributed`` and DDP) batch. Shared by the two-view losses and :class:`contrastkit.losses.ASCLLoss`'s
+    in-batch variant."""
+    n = z1.shape[0]
+    if gather_distributed and distributed.world_size() > 1:
+        z1_all = distributed.gather(z1)  # NxD, N = world_size * n
+        z2_all = distributed.gather(z2)  # NxD
+        offset = distributed.rank_offset(n)  # global index of this process's first pair
+    else:
+        z1_all, z2_all, offset = z1, z2, 0
+    big_n = z1_all.shape[0]
+    if big_n < 2:  # optim.batch_size >= 2 is validated with the config: a caller's mistake
+        raise ValueError(
+            f"a batch of {big_n} pair has no negatives; use a batch size of at least 2 (much more in practice)"
+        )
+
+    anchors = torch.cat([z1, z2], dim=0)  # 2nxD
+    candidates = torch.cat([z1_all, z2_all], dim=0)  # 2NxD
+    logits = anchors @ candidates.T / temperature  # 2nx2N
+
+    device = anchors.device
+    rows = torch.arange(2 * n, device=device)  # 2n
+    pair = torch.arange(n, device=device) + offset  # n, global pair index of each local pair
+    self_col = torch.cat([pair, pair + big_n])  # 2n, column of the anchor itself
+    pos_col = torch.cat([pair + big_n, pair])  # 2n, column of its other view
+
+    pos = logits[rows, pos_col]  # 2n
+    excluded = torch.zeros_like(logits, dtype=torch.bool)  # 2nx2N
+    excluded[rows, self_col] = True
+    excluded[rows, pos_col] = True
+    neg = logits.masked_fill(excluded, float("-inf"))  # 2nx2N, 2N-2 finite entries per row
+    return TwoViewLogits(pos, neg, candidates, pos_col, z1_all, z2_all, offset)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Two-view losses
 # ----------------------------------------------------------------------------------------------------------------------
@@ -149,34 +199,8 @@ class _TwoViewContrastiveLoss(nn.Module):
             z1 = F.normalize(at_least_float32(z1), dim=1)  # nxD
             z2 = F.normalize(at_least_float32(z2), dim=1)  # nxD
             n = z1.shape[0]
-            if self.gather_distributed and distributed.world_size() > 1:
-                z1_all = distributed.gather(z1)  # NxD, N = world_size * n
-                z2_all = distributed.gather(z2)  # NxD
-                offset = distributed.rank_offset(n)  # global index of this process's first pair
-            else:
-                z1_all, z2_all, offset = z1, z2, 0
-            big_n = z1_all.shape[0]
-            if big_n < 2:  # optim.batch_size >= 2 is validated with the config: a caller's mistake
-                raise ValueError(
-                    f"a batch of {big_n} pair has no negatives; use a batch size of at least 2 (much more in practice)"
-                )
-
-            anchors = torch.cat([z1, z2], dim=0)  # 2nxD
-            candidates = torch.cat([z1_all, z2_all], dim=0)  # 2NxD
-            logits = anchors @ candidates.T / self.temperature  # 2nx2N
-
-            device = anchors.device
-            rows = torch.arange(2 * n, device=device)  # 2n
-            pair = torch.arange(n, device=device) + offset  # n, global pair index of each local pair
-            self_col = torch.cat([pair, pair + big_n])  # 2n, column of the anchor itself
-            pos_col = torch.cat([pair + big_n, pair])  # 2n, column of its other view
-
-            pos = logits[rows, pos_col]  # 2n
-            excluded = torch.zeros_like(logits, dtype=torch.bool)  # 2nx2N
-            excluded[rows, self_col] = True
-            excluded[rows, pos_col] = True
-            neg = logits.masked_fill(excluded, float("-inf"))  # 2nx2N, 2N-2 finite entries per row
-
+            lg = two_view_logits(z1, z2, self.temperature, self.gather_distributed)
+            pos, neg, z1_all, z2_all, offset = lg.pos, lg.neg, lg.z1_all, lg.z2_all, lg.offset
             weights = self._positive_weights(z1_all, z2_all, offset, n)  # 2n or None
             losses = contrastive_from_logits(pos, neg, decoupled=self.decoupled, pos_weight=weights)  # 2n
             return losses.mean()

@@ -32,7 +32,7 @@ Which tensor plays which role is the method's choice:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,16 @@ __all__ = [
     "QueueInfoNCELoss",
     "build_queue_loss",
 ]
+
+
+class QueryKeyLogits(NamedTuple):
+    """What :meth:`QueueContrastiveLoss.logits` returns."""
+
+    q: Tensor  # nxD, normalised queries
+    k: Tensor  # nxD, normalised keys
+    pos: Tensor  # n, positive logits
+    neg: Tensor  # nxM, negative logits (-inf: excluded)
+    candidates: Tensor  # MxD, normalised bank or gathered keys (the columns of ``neg``)
 
 
 class QueueContrastiveLoss(nn.Module):
@@ -103,6 +113,15 @@ class QueueContrastiveLoss(nn.Module):
         Returns:
             Scalar loss (float32, or float64 for float64 inputs): the mean over the ``n`` local queries.
         """
+        with autocast_disabled(query.device.type):
+            q, k, pos, neg, _ = self.logits(query, key, negatives)
+            weights = self._positive_weights(q, k)  # n or None
+            return contrastive_from_logits(pos, neg, decoupled=self.decoupled, pos_weight=weights).mean()
+
+    def logits(self, query: Tensor, key: Tensor, negatives: Tensor | None) -> QueryKeyLogits:
+        """Normalised queries and keys, positive logits ``(n,)``, negative logits ``(n, M)`` (``-inf`` where a
+        candidate is excluded: a query's own key among in-batch negatives) and the ``M x D`` normalised candidates
+        (the bank, or the gathered keys). Call with autocast disabled; see :meth:`forward` for the arguments."""
         if query.ndim != 2 or query.shape != key.shape:
             raise ValueError(
                 f"query and key must both have shape (n, D), got {tuple(query.shape)} and {tuple(key.shape)}"
@@ -113,23 +132,21 @@ class QueueContrastiveLoss(nn.Module):
             )
         if negatives is not None and negatives.shape[0] == 0:
             raise ValueError("the bank of negatives is empty; pass negatives=None to use the other keys instead")
-        with autocast_disabled(query.device.type):
-            q = F.normalize(at_least_float32(query), dim=1)  # nxD
-            k = F.normalize(at_least_float32(key), dim=1).to(q.dtype)  # nxD
-            n = q.shape[0]
-            pos = (q * k).sum(dim=1) / self.temperature  # n
-            if negatives is not None:
-                bank = F.normalize(negatives.to(q.dtype), dim=1)  # MxD
-                neg = q @ bank.T / self.temperature  # nxM
-            else:
-                k_all, offset = self._global(k)  # NxD, N = W * n
-                if k_all.shape[0] < 2:
-                    raise ValueError("a batch of 1 sample has no negatives; use a batch size of at least 2")
-                neg = q @ k_all.T / self.temperature  # nxN
-                own = torch.arange(n, device=q.device) + offset  # n, column of each query's own key
-                neg = neg.masked_fill(F.one_hot(own, k_all.shape[0]).bool(), float("-inf"))  # nxN, N-1 finite
-            weights = self._positive_weights(q, k)  # n or None
-            return contrastive_from_logits(pos, neg, decoupled=self.decoupled, pos_weight=weights).mean()
+        q = F.normalize(at_least_float32(query), dim=1)  # nxD
+        k = F.normalize(at_least_float32(key), dim=1).to(q.dtype)  # nxD
+        n = q.shape[0]
+        pos = (q * k).sum(dim=1) / self.temperature  # n
+        if negatives is not None:
+            bank = F.normalize(negatives.to(q.dtype), dim=1)  # MxD
+            neg = q @ bank.T / self.temperature  # nxM
+            return QueryKeyLogits(q, k, pos, neg, bank)
+        k_all, offset = self._global(k)  # NxD, N = W * n
+        if k_all.shape[0] < 2:
+            raise ValueError("a batch of 1 sample has no negatives; use a batch size of at least 2")
+        neg = q @ k_all.T / self.temperature  # nxN
+        own = torch.arange(n, device=q.device) + offset  # n, column of each query's own key
+        neg = neg.masked_fill(F.one_hot(own, k_all.shape[0]).bool(), float("-inf"))  # nxN, N-1 finite
+        return QueryKeyLogits(q, k, pos, neg, k_all)
 
 
 class QueueInfoNCELoss(QueueContrastiveLoss):

@@ -16,6 +16,11 @@ Contract:
 - ``parameter_groups() -> list[ParamGroup]``: named groups with a learning-rate factor (e.g. a predictor at 10x).
   Every trainable parameter appears in exactly one group; the trainer splits each group further into weight-decay /
   no-weight-decay parts.
+
+Plug-ins (:mod:`contrastkit.plugins`): ``method.plugins`` is the run's :class:`~contrastkit.plugins.PluginSet`
+(empty by default; :meth:`SSLMethod.use_plugins` attaches one). The base class calls their input hook on the
+student's views in :meth:`SSLMethod.encode_views`, lets a targets plug-in replace ``self.criterion``, and adds
+their parameter groups; the hosts stay plug-in agnostic.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch import nn
 from contrastkit.config import MethodConfig
 from contrastkit.errors import ConfigError
 from contrastkit.models import MomentumTeacher, cosine_momentum, mlp
+from contrastkit.plugins.base import PluginSet
 
 
 @dataclass
@@ -60,15 +66,29 @@ class SSLMethod(nn.Module):
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         super().__init__()
         self.backbone = backbone
+        self.plugins = PluginSet()
         self.feature_dim = feature_dim
         self.cfg = cfg
 
-    def encode_views(self, views: list[torch.Tensor], encoder: nn.Module | None = None) -> list[torch.Tensor]:
+    def use_plugins(self, plugins: PluginSet) -> None:
+        """Attach the run's plug-ins; a targets plug-in may replace ``self.criterion`` (its ``criterion`` hook)."""
+        self.plugins = plugins
+        for plugin in plugins:
+            criterion = plugin.criterion(self.cfg.name, getattr(self, "criterion", None), self.cfg)
+            if criterion is not None:
+                self.criterion = criterion
+
+    def encode_views(self, views: list[torch.Tensor], encoder: nn.Module | None = None,
+                     student: bool | None = None) -> list[torch.Tensor]:
         """Run ``encoder`` (default: the backbone) on every view, in one batch per crop size.
 
         Views of the same size are concatenated so that one forward pass serves them all (faster, and BatchNorm
-        sees all views together, as in SimCLR's implementation).
+        sees all views together, as in SimCLR's implementation). ``student`` (default: ``encoder is None``): the
+        encoder is trained by gradient, so each view first passes the plug-ins' input hook (teachers see plain
+        views).
         """
+        if student if student is not None else encoder is None:
+            views = [self.plugins.transform_input(v) for v in views]
         encoder = self.backbone if encoder is None else encoder
         out: list[torch.Tensor | None] = [None] * len(views)
         by_size: dict[tuple[int, ...], list[int]] = {}
@@ -101,13 +121,14 @@ class SSLMethod(nn.Module):
         """One group per direct sub-module with trainable parameters, named after it (``backbone``,
         ``projector``, ``predictor``, ...), in registration order. Frozen parts (momentum teachers) and
         parameter-free parts (queues, losses) contribute nothing; a group named ``predictor`` gets
-        ``optim.predictor_lr_factor``. Override for other groupings."""
+        ``optim.predictor_lr_factor``. The plug-ins' groups (``plugins.<name>``, their own factors) come last.
+        Override for other groupings."""
         groups = []
         for name, child in self.named_children():
             params = [p for p in child.parameters() if p.requires_grad]
-            if params:
+            if params and child is not self.plugins:
                 groups.append(ParamGroup(name, params))
-        return groups
+        return groups + self.plugins.parameter_groups()
 
 
 # ------------------------------------------------------------------------------------------------ shared helpers

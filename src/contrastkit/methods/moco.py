@@ -155,7 +155,8 @@ class MoCo(SSLMethod):
             raise ConfigError("method.shuffle_bn=sync needs GPUs under DDP (PyTorch's SyncBatchNorm); use shuffle")
         groups = min(self.bn_splits, x1.shape[0]) if mode == "shuffle" and world == 1 else 1
 
-        q = encode_in_groups(lambda vs: self.encode_views(vs, self._query), query_views, groups)  # BxP each
+        query = lambda vs: self.encode_views(vs, self._query, student=True)  # noqa: E731
+        q = encode_in_groups(query, query_views, groups)  # BxP each
         with torch.no_grad():
             if mode == "shuffle":
                 k = shuffled_forward(self._key, key_views, groups)  # BxP each

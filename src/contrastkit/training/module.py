@@ -26,6 +26,7 @@ from contrastkit.config import Config, config_from_dict, scaled_lr
 from contrastkit.errors import ConfigError, ContrastkitError
 from contrastkit.methods import SSLMethod, build_method
 from contrastkit.models import backbone_args, build_backbone
+from contrastkit.plugins import StepContext, build_plugins
 from contrastkit.training.callbacks import divergence_error
 from contrastkit.training.optim import build_optimizer, warmup_cosine
 
@@ -120,6 +121,7 @@ class SSLModule(L.LightningModule):
         if cfg.model.channels_last:
             backbone = backbone.to(memory_format=torch.channels_last)
         self.method: SSLMethod = build_method(backbone, dim, cfg.method)
+        self.method.use_plugins(build_plugins(cfg))
         self.views = ViewGenerator(build_view_policies(cfg, image_size), mean, std)
         self.steps_per_epoch = steps_per_epoch
         self.total_steps = steps_per_epoch * cfg.train.epochs
@@ -166,11 +168,20 @@ class SSLModule(L.LightningModule):
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return views
 
+    def step_context(self, indices: torch.Tensor | None = None) -> StepContext:
+        """What the plug-ins know about the current step (see :class:`contrastkit.plugins.StepContext`)."""
+        return StepContext(progress=self.progress(), global_step=self.global_step, epoch=self.current_epoch,
+                           generator=self._aug_gen, indices=indices, rank=self.global_rank,
+                           world_size=self.trainer.world_size if self._trainer is not None else 1)
+
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         assert self.images is not None
+        plugins = self.method.plugins  # hooks in their fixed order: batch, input (in the method), targets, extra
+        plugins.begin_step(self.step_context(batch))
+        batch = plugins.select_batch(batch, self)
         imgs = self.images[batch]  # B x C x H x W uint8, on the device
         views = self.make_views(imgs, self._aug_gen)
-        out = self.training_loss(views)
+        out = plugins.add_extra_losses(self.training_loss(views))
         loss = out["loss"]
         if not torch.isfinite(loss.detach()):
             raise divergence_error(self.cfg, f"the loss diverged (value {loss.item()}) at step {self.global_step}; "
@@ -210,6 +221,7 @@ class SSLModule(L.LightningModule):
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         self.method.after_optimizer_step(self.progress())
+        self.method.plugins.after_optimizer_step()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         opt = self.optimizers()
@@ -219,9 +231,9 @@ class SSLModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         groups = self.method.parameter_groups()
-        for g in groups:  # the predictor's learning-rate multiplier (BYOL/NNCLR), optim.predictor_lr_factor
-            if g.name == "predictor":
-                g.lr_factor *= self.cfg.optim.predictor_lr_factor
+        factors = {"predictor": self.cfg.optim.predictor_lr_factor}  # configured factors of the host's groups
+        for g in groups:  # each group: its own factor (plug-ins: their option) x the configured one for its name
+            g.lr_factor *= factors.get(g.name, 1.0)
         optimizer = build_optimizer(groups, self.cfg.optim, self.peak_lr)
         warmup = int(round(self.cfg.optim.warmup_epochs * self.steps_per_epoch))
         schedule = warmup_cosine(self.total_steps, warmup, self.cfg.optim.warmup_start_factor,
