@@ -504,7 +504,8 @@ def test_report_counts_only_the_runs_own_protocol_as_its_linear_top1(runs, tmp_p
             (other / split / c).mkdir(parents=True)
             for i in range(6):
                 Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(other / split / c / f"{i}.png")
-    assert main(["eval", "linear", str(ckpt), "--epochs", "100", "--device", "cpu", "--json"]) == 0
+    assert main(["eval", "linear", str(ckpt), "data.monitor_query_split=test", "--epochs", "100", "--device", "cpu",
+                 "--json"]) == 0
     own = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert main(["eval", "linear", str(ckpt), "data.name=imagefolder", f"data.root={other}", "data.image_size=16",
                  "data.options={}", "--epochs", "2", "--device", "cpu"]) == 0
@@ -512,7 +513,7 @@ def test_report_counts_only_the_runs_own_protocol_as_its_linear_top1(runs, tmp_p
     md = build_report([run], tmp_path / "r").read_text()
     assert _table(md)[0][10] == f"{own['top1']:.2f} (eval)"
     other_lines = [ln for ln in md.splitlines() if ln.startswith("- `run`: linear top-1")]
-    assert len(other_lines) == 1 and "on imagefolder test (bank train), 2 epochs, backbone features" in other_lines[0]
+    assert len(other_lines) == 1 and "on imagefolder val (bank train-minus-val), 2 epochs, backbone features" in other_lines[0]
 
     # Without the own-protocol probe, the table has no linear top-1 at all.
     (ckpt.with_name(ckpt.name + ".features") / "results-linear.json").unlink()

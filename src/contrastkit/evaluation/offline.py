@@ -331,13 +331,16 @@ class CheckpointEvaluator:
         """Whether ``record`` evaluates the run on its own protocol, so that it counts as the run's result.
 
         That is: the dataset the run was trained on (every ``data.*`` setting unchanged except ``data.root``, so
-        also the same monitor splits), backbone features, and the standard settings of the protocol: for
+        also the same monitor splits; querying the run's ``data.test_split`` instead of its validation split
+        counts), backbone features, and the standard settings of the protocol: for
         ``linear``, ``eval.linear_epochs`` epochs without augmentation; for ``knn``, ``train.knn_k``,
         ``train.knn_temperature`` and the cosine metric. Anything else (a transfer to another dataset, a short
         probe, projector features, a kNN grid) is another evaluation, reported with its settings."""
         trained, now = dataclasses.asdict(self.trained_cfg.data), dataclasses.asdict(self.cfg.data)
         trained.pop("root")
         now.pop("root")
+        if now["monitor_query_split"] and now["monitor_query_split"] == trained.get("test_split"):
+            now["monitor_query_split"] = trained["monitor_query_split"]  # the run's own test split: its final number
         if trained != now or record.get("features") != "backbone":
             return False
         t = self.trained_cfg
