@@ -50,12 +50,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from contrastkit import distributed
 from contrastkit.config import MethodConfig
 from contrastkit.errors import ConfigError
-from contrastkit.losses import build_queue_loss, distributed
+from contrastkit.distributed import gather_no_grad
+from contrastkit.losses import build_queue_loss
 from contrastkit.methods.base import SSLMethod, build_projector, check_no_options, check_two_views
 from contrastkit.models import MemoryQueue
-from contrastkit.models.queue import gather_no_grad
 
 Encoder = Callable[[Tensor], Tensor]
 

@@ -9,28 +9,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contrastkit.distributed import gather_no_grad
 from contrastkit.errors import ConfigError
 from contrastkit.validation import positive_int
-from contrastkit.losses import distributed
 
-__all__ = ["MemoryQueue", "gather_no_grad"]
-
-
-@torch.no_grad()
-def gather_no_grad(x: Tensor) -> Tensor:
-    """Concatenate ``x`` (``n x ...``, the same shape on every process) from all processes along dim 0, without
-    gradient: rows ``[r * n, (r + 1) * n)`` come from rank ``r``. ``x`` itself when not distributed."""
-    world = distributed.world_size()
-    if world == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)
+__all__ = ["MemoryQueue"]
 
 
 class MemoryQueue(nn.Module):
