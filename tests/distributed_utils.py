@@ -4,6 +4,11 @@
 local port, calls ``fn(rank, world, *args)`` with one torch thread, and saves the dict it returns to
 ``out_dir/rank{r}.pt``. The parent waits at most ``timeout_s`` (a worker's exception is re-raised, a hang fails the
 test) and returns the W dicts in rank order. ``fn`` must be a module-level function (it is pickled by name).
+
+``launcher="lightning"``: the workers are started like ``torchrun`` starts them (the ``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ... variables of torch elastic) and no process group is created: ``fn`` runs a
+Lightning trainer with ``strategy="ddp"``, whose DDP strategy creates the gloo group and wraps the module itself, the
+path multi-process training takes (Lightning does not launch processes when they were launched externally).
 """
 
 from __future__ import annotations
@@ -28,20 +33,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable[..., dict], out_dir: str, args: tuple) -> None:
+def _worker(rank: int, world: int, port: int, fn: Callable[..., dict], out_dir: str, args: tuple,
+            launcher: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    if launcher == "lightning":  # torch elastic's variables, as torchrun sets them; Lightning makes the group
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", WORLD_SIZE=str(world),
+                          LOCAL_WORLD_SIZE=str(world), TORCHELASTIC_RUN_ID="contrastkit-tests")
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         torch.save(fn(rank, world, *args), Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_gloo(fn: Callable[..., dict[str, Any]], world: int, out_dir: Path, *args: Any,
-             timeout_s: float = 120) -> list[dict[str, Any]]:
-    context = mp.spawn(_worker, args=(world, free_port(), fn, str(out_dir), args), nprocs=world, join=False)
+             timeout_s: float = 120, launcher: str = "plain") -> list[dict[str, Any]]:
+    context = mp.spawn(_worker, args=(world, free_port(), fn, str(out_dir), args, launcher), nprocs=world,
+                       join=False)
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=1):  # re-raises a worker's exception
         if time.monotonic() > deadline:

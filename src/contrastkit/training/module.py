@@ -6,18 +6,26 @@ epoch's order is a function of ``(seed, epoch)`` and DDP ranks get disjoint shar
 images of a batch on the device and makes the views there with the batched
 :class:`~contrastkit.augment.ViewGenerator`; no worker processes compete with the model for the CPU.
 
-Randomness is checkpointed: the augmentation generator, torch's CPU/CUDA generators, so that ``--resume``
-continues exactly as an uninterrupted run (see tests/test_training.py).
+Randomness: the augmentation of each training batch is drawn from a generator seeded with a hash of
+``(seed, rank, epoch, batch index)`` (:func:`augment_seed`), so it depends on nothing but the batch's place in the
+run: a resumed run, on any rank, draws exactly the augmentations of the uninterrupted run. torch's global CPU (and
+current CUDA device's) generator is checkpointed (from rank 0; the ranks draw the same from it, see
+docs/architecture.md), so that ``--resume`` continues exactly as an uninterrupted run (tests/test_training.py).
+
+DDP: the memory queues' buffers are excluded from DDP's buffer broadcast (:meth:`SSLModule.setup`); the EMA
+teacher and the queues are updated once per optimizer step *taken* (:meth:`SSLModule.optimizer_step`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from typing import Any
 
 import lightning as L
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from contrastkit.augment import ViewGenerator, policy_preset
@@ -26,6 +34,7 @@ from contrastkit.config import Config, config_from_dict, scaled_lr
 from contrastkit.errors import ConfigError, ContrastkitError
 from contrastkit.methods import SSLMethod, build_method
 from contrastkit.models import backbone_args, build_backbone
+from contrastkit.models.queue import ddp_ignored_buffers
 from contrastkit.training.callbacks import divergence_error
 from contrastkit.training.optim import build_optimizer, warmup_cosine
 
@@ -85,6 +94,13 @@ def build_view_policies(cfg: Config, image_size: int) -> list[ViewPolicy]:
     return out
 
 
+def augment_seed(seed: int, rank: int, epoch: int, batch_idx: int) -> int:
+    """Seed of the augmentation generator for training batch ``batch_idx`` of ``epoch`` on ``rank``: a hash
+    (BLAKE2b, 63 bits) of the four numbers, so that seeds of different batches or ranks are unrelated."""
+    digest = hashlib.blake2b(f"{seed}/{rank}/{epoch}/{batch_idx}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class SSLModule(L.LightningModule):
     """Trains ``method`` on device-resident uint8 images with batched on-device views.
 
@@ -126,11 +142,12 @@ class SSLModule(L.LightningModule):
         self.peak_lr = scaled_lr(cfg, world_size)
         self.images: torch.Tensor | None = None  # N x C x H x W uint8, set by attach_images()
         self._aug_gen: torch.Generator | None = None
-        self._aug_gen_state: torch.Tensor | None = None
+        self._cuda_rng_state: torch.Tensor | None = None  # restored from a checkpoint, set once on the device
         self._t_last: float | None = None
         # train.compile: torch.compile's wrapper of the backbone, kept in a plain dict (not a registered sub-module)
         # so that state dicts, checkpoints and exports keep the plain parameter names (no ``_orig_mod.`` prefix)
         self._compiled: dict[str, torch.nn.Module] = {}
+        self._stepped = False  # set by the optimizer's step post-hook: the last optimizer_step really stepped
 
     # ----------------------------------------------------------------------------------------------------- data
     def attach_images(self, images: torch.Tensor) -> None:
@@ -143,16 +160,22 @@ class SSLModule(L.LightningModule):
     def backbone(self) -> torch.nn.Module:
         return self.method.backbone
 
+    def setup(self, stage: str) -> None:
+        # Lightning's DDP strategies keep DDP's broadcast_buffers=True: before every forward, rank 0's buffers
+        # overwrite the others'. For BatchNorm statistics that is harmless, but the memory queues are per-process
+        # state (per rank with method.gather_distributed=false; global, identical and then needlessly sent every
+        # step, otherwise): DDP's ignore list keeps them out of the broadcast (and of parameter syncing).
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ddp_ignored_buffers(self))
+
     def on_fit_start(self) -> None:
         if self.images is None:
             raise ContrastkitError("no training images attached: call module.attach_images(images) first")
         if self.images.device != self.device:
             self.images = self.images.to(self.device, non_blocking=True)
         self._aug_gen = torch.Generator(device=self.device)
-        self._aug_gen.manual_seed(self.cfg.train.seed * 1000003 + self.global_rank)
-        if self._aug_gen_state is not None:  # restored from a checkpoint
-            self._aug_gen.set_state(self._aug_gen_state)
-            self._aug_gen_state = None
+        if self._cuda_rng_state is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(self._cuda_rng_state, device=self.device)
+        self._cuda_rng_state = None
 
     # ------------------------------------------------------------------------------------------------- training
     def progress(self) -> float:
@@ -169,6 +192,8 @@ class SSLModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         assert self.images is not None
         imgs = self.images[batch]  # B x C x H x W uint8, on the device
+        assert self._aug_gen is not None
+        self._aug_gen.manual_seed(augment_seed(self.cfg.train.seed, self.global_rank, self.current_epoch, batch_idx))
         views = self.make_views(imgs, self._aug_gen)
         out = self.training_loss(views)
         loss = out["loss"]
@@ -208,8 +233,19 @@ class SSLModule(L.LightningModule):
         self._t_last = None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's step (closure, precision plugin, optimizer), then the method's EMA and queue updates: once
+        per optimizer step taken, after gradient accumulation. When the fp16 grad scaler skips the step (non-finite
+        gradients; ``optimizer.step`` is then never called, so the post-hook below does not fire) the teacher does
+        not move either and the step's staged queue keys are dropped."""
+        self._stepped = False
         super().optimizer_step(*args, **kwargs)
-        self.method.after_optimizer_step(self.progress())
+        if self._stepped:
+            self.method.after_optimizer_step(self.progress())
+        else:
+            self.method.after_skipped_step()
+
+    def _mark_stepped(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._stepped = True
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         opt = self.optimizers()
@@ -223,6 +259,7 @@ class SSLModule(L.LightningModule):
             if g.name == "predictor":
                 g.lr_factor *= self.cfg.optim.predictor_lr_factor
         optimizer = build_optimizer(groups, self.cfg.optim, self.peak_lr)
+        optimizer.register_step_post_hook(self._mark_stepped)
         warmup = int(round(self.cfg.optim.warmup_epochs * self.steps_per_epoch))
         schedule = warmup_cosine(self.total_steps, warmup, self.cfg.optim.warmup_start_factor,
                                  self.cfg.optim.min_lr_factor)
@@ -231,11 +268,12 @@ class SSLModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # torch's global generators (MoCo's shuffle permutation draws from them); the augmentation needs nothing
+        # (augment_seed). Only rank 0 writes the checkpoint: every rank draws the same numbers from these
+        # generators (same seed, same calls), so rank 0's state is every rank's.
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if self._aug_gen is not None:
-            rng["augment"] = self._aug_gen.get_state()
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        if self.device.type == "cuda":
+            rng["cuda_device"] = torch.cuda.get_rng_state(self.device)
         checkpoint["contrastkit_rng"] = rng
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -243,10 +281,7 @@ class SSLModule(L.LightningModule):
         if not rng:
             return
         torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if "augment" in rng:
-            self._aug_gen_state = rng["augment"]
+        self._cuda_rng_state = rng.get("cuda_device")  # set in on_fit_start, once the module is on its device
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int, accumulate: int) -> int:
