@@ -95,16 +95,35 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_resume_continues_exactly(tiny_overrides, tmp_path):
-    base = tiny_overrides + ["train.epochs=3", "train.knn_every_n_epochs=0", "eval.knn=false"]
+# Methods with state beyond the weights: MoCo (queue of 48 < 64 keys per step, so it wraps; EMA teacher; shuffling
+# BN draws its permutations from torch's global generator), NNCLR (support set), BYOL (EMA teacher). Half the data
+# and narrower networks than tiny_overrides, to keep the 12 trainings short: 8 steps per epoch, 2 epochs.
+SMALL = ["data.options={n: 256, channels: 3}", "optim.batch_size=32", "model.widths=[8, 16]"]
+RESUME_METHODS = {
+    "simclr": SMALL,
+    "moco": SMALL + ["method.name=moco", "method.queue_size=48", "method.momentum_final=0.999"],
+    "nnclr": SMALL + ["method.name=nnclr", "method.queue_size=40"],
+    "byol": SMALL + ["method.name=byol"],
+}
+
+
+@pytest.mark.parametrize("method", list(RESUME_METHODS))
+def test_resume_continues_exactly(tiny_overrides, tmp_path, method):
+    """Interrupted after epoch 1 and resumed, a run ends bit-exactly where the uninterrupted run ends: weights,
+    queue, teacher (all in the state dict) and optimizer state."""
+    base = tiny_overrides + RESUME_METHODS[method] + ["train.epochs=2", "train.knn_every_n_epochs=0", "eval.knn=false"]
     full = train(load_config(None, base + [f"train.run_dir={tmp_path / 'full'}"]))
     part_dir = tmp_path / "part"
     part = train(load_config(None, base + [f"train.run_dir={part_dir}"]), callbacks=[_StopAfterFirstEpoch()])
-    assert part.metrics["steps"] == 512 // 64  # stopped after one epoch
+    assert part.metrics["steps"] == 256 // 32  # stopped after one epoch
     resumed = train(load_config(None, base + [f"train.run_dir={part_dir}", "train.resume=last"]))
-    assert resumed.metrics["steps"] == full.metrics["steps"] == 3 * (512 // 64)
+    assert resumed.metrics["steps"] == full.metrics["steps"] == 2 * (256 // 32)
     a, b = _weights(full.last_checkpoint), _weights(resumed.last_checkpoint)
     assert a.keys() == b.keys()
+    if method in ("moco", "nnclr"):
+        assert int(a["method.queue.filled"]) == int(a["method.queue.keys"].shape[0])
+    if method in ("moco", "byol"):
+        assert any(k.startswith("method.teacher.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"parameter {k} differs after resume")
     oa = torch.load(full.last_checkpoint, weights_only=True)["optimizer_states"][0]["state"]
@@ -114,10 +133,11 @@ def test_resume_continues_exactly(tiny_overrides, tmp_path):
 
 
 def test_interrupted_resume_differs_without_rng_restore(tiny_overrides, tmp_path, monkeypatch):
-    """Control for the resume test: if the augmentation RNG were not restored, weights would differ."""
+    """Control for the resume test: if torch's global generator were not restored (MoCo's shuffling BN draws its
+    permutations from it), the weights would differ."""
     from contrastkit.training import module as mod
 
-    base = tiny_overrides + ["train.epochs=2", "train.knn_every_n_epochs=0", "eval.knn=false"]
+    base = tiny_overrides + RESUME_METHODS["moco"] + ["train.epochs=2", "train.knn_every_n_epochs=0", "eval.knn=false"]
     full = train(load_config(None, base + [f"train.run_dir={tmp_path / 'full'}"]))
     part_dir = tmp_path / "part"
     train(load_config(None, base + [f"train.run_dir={part_dir}"]), callbacks=[_StopAfterFirstEpoch()])
