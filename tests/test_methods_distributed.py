@@ -28,7 +28,7 @@ from contrastkit.config import load_config
 from contrastkit.methods import SSLMethod, build_method
 from contrastkit.models import MemoryQueue
 
-from distributed_utils import run_gloo
+from distributed_utils import fixed_view_module, run_gloo
 
 WORLD = 2
 N = 8  # global batch; N / WORLD per process
@@ -175,7 +175,6 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
 # (losses, parameters, teacher, queue). gather_distributed=false: each rank's queue holds exactly its own keys (before
 # the queues were excluded from DDP's buffer broadcast, rank 0's queue overwrote rank 1's before every forward).
 
-IMAGE_SIDE = 8
 L_STEPS = 3
 L_CASES = {
     "moco": NO_BN + ["method.name=moco", "method.loss=infonce", "method.shuffle_bn=shuffle", "method.queue_size=12",
@@ -192,32 +191,13 @@ def _lightning_cfg(case: str, world: int, tmp: Path, extra: list[str] | None = N
         "train.knn_every_n_epochs=0", "model.widths=[4, 8]", f"train.run_dir={tmp}"])
 
 
-def _fixed_view_module(cfg):
-    """SSLModule whose views are a fixed function of each image and whose networks have no BatchNorm."""
-    from contrastkit.training.module import SSLModule
-
-    class FixedViews(SSLModule):
-        def make_views(self, images: Tensor, generator: torch.Generator | None = None) -> list[Tensor]:
-            x = images.to(self.dtype) / 255  # B x 1 x 8 x 8
-            return [x, 0.6 * x.flip(-1) + 0.2]
-
-    module = FixedViews(cfg.to_dict(), 1, IMAGE_SIDE, [0.0], [1.0], steps_per_epoch=L_STEPS)
-    torch.manual_seed(0)
-    layers = [nn.Flatten(), nn.Linear(IMAGE_SIDE**2, 12), nn.ReLU(), nn.Linear(12, 8)]
-    module.method = build_method(nn.Sequential(*layers), 8, cfg.method)
-    images = torch.randint(0, 256, (N * L_STEPS, 1, IMAGE_SIDE, IMAGE_SIDE), generator=torch.Generator().manual_seed(3),
-                           dtype=torch.uint8)
-    module.attach_images(images)
-    return module
-
-
 def _fit(cfg, rank: int, world: int) -> dict[str, object]:
     """Fit through build_trainer; rank ``r`` of ``world`` gets rows ``[r * n, (r + 1) * n)`` of every global batch."""
     import lightning as L
 
     from contrastkit.training.run import build_trainer
 
-    module = _fixed_view_module(cfg)
+    module = fixed_view_module(cfg, N * L_STEPS, L_STEPS)
     pushed: list[Tensor] = []
     push = module.method.queue.push
     module.method.queue.push = lambda keys, *a, **k: (pushed.append(keys.detach().clone()), push(keys, *a, **k))[1]

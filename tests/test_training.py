@@ -101,7 +101,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 SMALL = ["data.options={n: 256, channels: 3}", "optim.batch_size=32", "model.widths=[8, 16]"]
 RESUME_METHODS = {
     "simclr": SMALL,
-    "moco": SMALL + ["method.name=moco", "method.queue_size=48", "method.momentum_final=0.999"],
+    "moco": SMALL + ["method.name=moco", "method.queue_size=48", "method.momentum_final=0.999",
+                     "method.options={bn_splits: 2}"],
     "nnclr": SMALL + ["method.name=nnclr", "method.queue_size=40"],
     "byol": SMALL + ["method.name=byol"],
 }
