@@ -20,7 +20,7 @@ from contrastkit.training.run import build_trainer
 
 from distributed_utils import fixed_view_module
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 MOCO = ["method.name=moco", "method.loss=infonce", "method.proj_hidden_bn=false", "method.proj_hidden_dim=12",
         "method.proj_out_dim=6", "method.queue_size=20", "method.momentum_base=0.9", "method.momentum_final=0.9",
