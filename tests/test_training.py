@@ -134,8 +134,8 @@ def test_resume_continues_exactly(tiny_overrides, tmp_path, method):
 
 
 def test_interrupted_resume_differs_without_rng_restore(tiny_overrides, tmp_path, monkeypatch):
-    """Control for the resume test: if torch's global generator were not restored (MoCo's shuffling BN draws its
-    permutations from it), the weights would differ."""
+    """Control for the resume test: if the generators were not restored (the augmentation generator, and torch's
+    global one from which MoCo's shuffling BN draws its permutations), the weights would differ."""
     from contrastkit.training import module as mod
 
     base = tiny_overrides + RESUME_METHODS["moco"] + ["train.epochs=2", "train.knn_every_n_epochs=0", "eval.knn=false"]

@@ -2,7 +2,7 @@
 like torchrun starts them, see distributed_utils), interrupted after epoch 1 and resumed, end bit-exactly where the
 uninterrupted 2-process run ends. MoCo is used because it has every kind of state: queue (global, gathered), EMA
 teacher, shuffling BN (its permutation is drawn on rank 0 from torch's global generator and broadcast), and
-per-rank augmentations (each rank must draw its own after the resume, not rank 0's)."""
+per-rank augmentation generators (each rank must continue its own after the resume, not rank 0's)."""
 
 from __future__ import annotations
 

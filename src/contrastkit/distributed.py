@@ -31,12 +31,14 @@ gathered tensor, so call ``loss.backward()`` on every process.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_sum", "gather", "gather_no_grad", "is_distributed", "rank", "rank_offset", "world_size"]
+__all__ = ["all_reduce_sum", "gather", "gather_no_grad", "gather_objects", "is_distributed", "rank", "rank_offset",
+           "world_size"]
 
 
 def is_distributed() -> bool:
@@ -111,3 +113,13 @@ def all_reduce_sum(x: Tensor) -> Tensor:
     with warnings.catch_warnings():  # PyTorch marks it deprecated in favour of a functional collective
         warnings.simplefilter("ignore", FutureWarning)
         return all_reduce(x)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects, e.g. generator states); ``[obj]`` when not
+    distributed. A collective: every process must call it."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -6,11 +6,10 @@ epoch's order is a function of ``(seed, epoch)`` and DDP ranks get disjoint shar
 images of a batch on the device and makes the views there with the batched
 :class:`~contrastkit.augment.ViewGenerator`; no worker processes compete with the model for the CPU.
 
-Randomness: the augmentation of each training batch is drawn from a generator seeded with a hash of
-``(seed, rank, epoch, batch index)`` (:func:`augment_seed`), so it depends on nothing but the batch's place in the
-run: a resumed run, on any rank, draws exactly the augmentations of the uninterrupted run. torch's global CPU (and
-current CUDA device's) generator is checkpointed (from rank 0; the ranks draw the same from it, see
-docs/architecture.md), so that ``--resume`` continues exactly as an uninterrupted run (tests/test_training.py).
+Randomness is checkpointed: every rank's augmentation generator (seeded from ``(seed, rank)``; gathered from all
+ranks, each rank restores its own), torch's global CPU and current CUDA device's generators (from rank 0; the
+ranks draw the same from them, see docs/architecture.md), so that ``--resume`` continues exactly as an
+uninterrupted run (tests/test_training.py, tests/test_training_distributed.py).
 
 DDP: the memory queues' buffers are excluded from DDP's buffer broadcast (:meth:`SSLModule.setup`); the EMA
 teacher and the queues are updated once per optimizer step *taken* (:meth:`SSLModule.optimizer_step`).
@@ -18,7 +17,6 @@ teacher and the queues are updated once per optimizer step *taken* (:meth:`SSLMo
 
 from __future__ import annotations
 
-import hashlib
 import math
 import time
 from typing import Any
@@ -31,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from contrastkit.augment import ViewGenerator, policy_preset
 from contrastkit.augment.views import ViewPolicy
 from contrastkit.config import Config, config_from_dict, scaled_lr
+from contrastkit.distributed import gather_objects
 from contrastkit.errors import ConfigError, ContrastkitError
 from contrastkit.methods import SSLMethod, build_method
 from contrastkit.models import backbone_args, build_backbone
@@ -94,13 +93,6 @@ def build_view_policies(cfg: Config, image_size: int) -> list[ViewPolicy]:
     return out
 
 
-def augment_seed(seed: int, rank: int, epoch: int, batch_idx: int) -> int:
-    """Seed of the augmentation generator for training batch ``batch_idx`` of ``epoch`` on ``rank``: a hash
-    (BLAKE2b, 63 bits) of the four numbers, so that seeds of different batches or ranks are unrelated."""
-    digest = hashlib.blake2b(f"{seed}/{rank}/{epoch}/{batch_idx}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 class SSLModule(L.LightningModule):
     """Trains ``method`` on device-resident uint8 images with batched on-device views.
 
@@ -142,6 +134,7 @@ class SSLModule(L.LightningModule):
         self.peak_lr = scaled_lr(cfg, world_size)
         self.images: torch.Tensor | None = None  # N x C x H x W uint8, set by attach_images()
         self._aug_gen: torch.Generator | None = None
+        self._aug_gen_states: list[torch.Tensor] | None = None  # restored from a checkpoint: one per rank
         self._cuda_rng_state: torch.Tensor | None = None  # restored from a checkpoint, set once on the device
         self._t_last: float | None = None
         # train.compile: torch.compile's wrapper of the backbone, kept in a plain dict (not a registered sub-module)
@@ -173,6 +166,10 @@ class SSLModule(L.LightningModule):
         if self.images.device != self.device:
             self.images = self.images.to(self.device, non_blocking=True)
         self._aug_gen = torch.Generator(device=self.device)
+        self._aug_gen.manual_seed(self.cfg.train.seed * 1000003 + self.global_rank)
+        if self._aug_gen_states is not None and self.global_rank < len(self._aug_gen_states):
+            self._aug_gen.set_state(self._aug_gen_states[self.global_rank])  # this rank's own stream
+        self._aug_gen_states = None
         if self._cuda_rng_state is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(self._cuda_rng_state, device=self.device)
         self._cuda_rng_state = None
@@ -192,8 +189,6 @@ class SSLModule(L.LightningModule):
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         assert self.images is not None
         imgs = self.images[batch]  # B x C x H x W uint8, on the device
-        assert self._aug_gen is not None
-        self._aug_gen.manual_seed(augment_seed(self.cfg.train.seed, self.global_rank, self.current_epoch, batch_idx))
         views = self.make_views(imgs, self._aug_gen)
         out = self.training_loss(views)
         loss = out["loss"]
@@ -268,12 +263,15 @@ class SSLModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # torch's global generators (MoCo's shuffle permutation draws from them); the augmentation needs nothing
-        # (augment_seed). Only rank 0 writes the checkpoint: every rank draws the same numbers from these
-        # generators (same seed, same calls), so rank 0's state is every rank's.
+        # Only rank 0 writes the checkpoint. torch's global generators (MoCo's shuffle permutation draws from
+        # them): every rank draws the same numbers from them (same seed, same calls), so rank 0's state is every
+        # rank's. The augmentation generators differ by rank: all of them are gathered (this hook runs on every
+        # rank, in Lightning's dump_checkpoint, so the collective is reached by all), index = rank.
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda_device"] = torch.cuda.get_rng_state(self.device)
+        if self._aug_gen is not None:
+            rng["augment_per_rank"] = gather_objects(self._aug_gen.get_state())
         checkpoint["contrastkit_rng"] = rng
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -282,6 +280,8 @@ class SSLModule(L.LightningModule):
             return
         torch.set_rng_state(rng["torch"])
         self._cuda_rng_state = rng.get("cuda_device")  # set in on_fit_start, once the module is on its device
+        # each rank picks its own in on_fit_start; a run with more processes than the checkpoint's seeds the rest
+        self._aug_gen_states = rng.get("augment_per_rank")
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int, accumulate: int) -> int:
