@@ -281,7 +281,8 @@ class SSLModule(L.LightningModule):
         torch.set_rng_state(rng["torch"])
         self._cuda_rng_state = rng.get("cuda_device")  # set in on_fit_start, once the module is on its device
         # each rank picks its own in on_fit_start; a run with more processes than the checkpoint's seeds the rest
-        self._aug_gen_states = rng.get("augment_per_rank")
+        # (checkpoints of earlier versions kept rank 0's generator only, under "augment")
+        self._aug_gen_states = rng.get("augment_per_rank") or ([rng["augment"]] if "augment" in rng else None)
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int, accumulate: int) -> int:
