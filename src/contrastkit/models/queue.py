@@ -34,9 +34,9 @@ class MemoryQueue(nn.Module):
         queue.commit()                     # ... then pushed, in staging order (SSLMethod.after_optimizer_step)
 
     Why per optimizer step: with gradient accumulation over ``A`` micro-batches, every micro-batch then reads the
-    same queue, so the accumulated step is the step of one process on the ``A``-times larger batch (and of ``A``
-    DDP processes with a global queue); pushing per micro-batch would make later micro-batches contrast with the
-    keys of earlier ones of the same step, a dependence on micro-batch order a large batch does not have. The
+    same queue, the one a step over the ``A``-times larger batch would read (as do ``A`` DDP processes with a
+    global queue); pushing per micro-batch would make later micro-batches contrast with the keys of earlier ones of
+    the same step, a dependence on micro-batch order a large batch does not have. The
     queue also changes only when the teacher that made its keys does (the EMA runs at the same point).
 
     ``get()`` returns a copy, so a later ``push`` can never change the negatives of a loss that has already been
