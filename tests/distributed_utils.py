@@ -47,6 +47,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable[..., dict], out_dir: 
     if launcher == "lightning":  # torch elastic's variables, as torchrun sets them; Lightning makes the group
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), GROUP_RANK="0", WORLD_SIZE=str(world),
                           LOCAL_WORLD_SIZE=str(world), TORCHELASTIC_RUN_ID="contrastkit-tests")
+        from lightning.pytorch.utilities import rank_zero_only
+
+        rank_zero_only.rank = rank  # read from RANK when Lightning is imported: torchrun sets it before, spawn after
     else:
         dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:

@@ -171,7 +171,7 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # MoCo and NNCLR trained by SSLModule under build_trainer's trainer with train.strategy=ddp on 2 gloo processes
 # (launched like torchrun, see distributed_utils), with views that are a fixed function of each image and BN-free
-# networks in float64 (train.precision=64-true). Global queue: the 2 processes equal one process on the whole batch
+# networks in float64 (Lightning's 64-true precision plugin). Global queue: the 2 processes equal one process on the whole batch
 # (losses, parameters, teacher, queue). gather_distributed=false: each rank's queue holds exactly its own keys (before
 # the queues were excluded from DDP's buffer broadcast, rank 0's queue overwrote rank 1's before every forward).
 
@@ -186,7 +186,7 @@ L_CASES = {
 def _lightning_cfg(case: str, world: int, tmp: Path, extra: list[str] | None = None):
     devices = ["train.devices=2", "train.strategy=ddp"] if world == 2 else ["train.devices=1"]
     return load_config(None, L_CASES[case] + devices + (extra or []) + [
-        "train.accelerator=cpu", "train.precision=64-true", "optim.name=sgd", "optim.lr=0.2", "optim.lr_scaling=none",
+        "train.accelerator=cpu", "optim.name=sgd", "optim.lr=0.2", "optim.lr_scaling=none",
         "optim.warmup_epochs=0", f"optim.batch_size={N // world}", "train.epochs=1", "train.progress_bar=false",
         "train.knn_every_n_epochs=0", "model.widths=[4, 8]", f"train.run_dir={tmp}"])
 
@@ -194,6 +194,7 @@ def _lightning_cfg(case: str, world: int, tmp: Path, extra: list[str] | None = N
 def _fit(cfg, rank: int, world: int) -> dict[str, object]:
     """Fit through build_trainer; rank ``r`` of ``world`` gets rows ``[r * n, (r + 1) * n)`` of every global batch."""
     import lightning as L
+    from lightning.pytorch.plugins import DoublePrecision
 
     from contrastkit.training.run import build_trainer
 
@@ -216,6 +217,7 @@ def _fit(cfg, rank: int, world: int) -> dict[str, object]:
                 record["broadcast_buffers"] = sorted(ddp.named_module_buffers)
 
     trainer = build_trainer(cfg, [Recorder()], Path(cfg.train.run_dir), checkpoints=False)
+    trainer.strategy.precision_plugin = DoublePrecision()  # Lightning's precision=64-true, for exact comparisons
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     method = module.method
     record.update(pushed=pushed, params={k: v.detach().clone() for k, v in method.named_parameters()},
