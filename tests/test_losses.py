@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from contrastkit import distributed
 from contrastkit.errors import ConfigError
 from contrastkit.losses import (
     DCLLoss,
@@ -17,7 +18,6 @@ from contrastkit.losses import (
     build_loss,
     contrastive_from_logits,
     dclw_weights,
-    distributed,
 )
 
 BATCH_SIZES = [2, 5, 16]

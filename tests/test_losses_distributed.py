@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
-from contrastkit.losses import build_loss, distributed
+from contrastkit import distributed
+from contrastkit.losses import build_loss
 
 from distributed_utils import run_gloo
 

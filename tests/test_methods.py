@@ -1,7 +1,7 @@
 """Tests of the methods MoCo, NNCLR, BYOL and Barlow Twins: construction from the configuration, the SSLMethod
 contract (finite loss, gradients reaching the backbone, EMA teacher moved once per optimizer step, parameter groups
 covering every trainable parameter once), the queue in the state dict, the order "read the queue, compute the loss,
-enqueue", MoCo's shuffling BN, configuration errors, and a short synthetic training run per method."""
+stage the keys, enqueue them at the optimizer step", MoCo's shuffling BN, configuration errors, and a short synthetic training run per method."""
 
 from __future__ import annotations
 
@@ -124,6 +124,7 @@ def test_queue_is_in_the_state_dict_and_restored(name: str) -> None:
     method = _method(name)
     for step in range(2):
         method.forward_loss(_views(step), 0.0)
+        method.after_optimizer_step(0.0)
     state = method.state_dict()
     assert {"queue.keys", "queue.ptr", "queue.filled"} <= set(state)
     buffer = io.BytesIO()
@@ -175,6 +176,8 @@ def test_keys_of_a_step_are_never_used_in_that_step(name: str) -> None:
     method = _method(name, "method.queue_size=1000")
     pushed, seen = _record_calls(method)
     method.forward_loss(_views(0), 0.0)
+    assert pushed == [] and len(method.queue) == 0  # staged, not pushed, until the optimizer step
+    method.after_optimizer_step(0.0)
     n_push = len(pushed)  # moco: k1, k2; nnclr: z1
     if name == "moco":
         assert seen == [None, None]  # first step: empty queue, in-batch negatives, never unfilled storage
@@ -183,6 +186,7 @@ def test_keys_of_a_step_are_never_used_in_that_step(name: str) -> None:
     step1 = torch.cat(pushed)
     seen.clear()
     method.forward_loss(_views(1), 0.0)
+    method.after_optimizer_step(0.0)
     step2 = torch.cat(pushed[n_push:])
     for negatives in seen:
         assert negatives is not None and negatives.shape[0] == step1.shape[0]
@@ -194,6 +198,7 @@ def test_moco_asymmetric_enqueues_one_view() -> None:
     method = _method("moco", "method.symmetric=false", "method.queue_size=1000")
     pushed, seen = _record_calls(method)
     method.forward_loss(_views(0), 0.0)
+    method.after_optimizer_step(0.0)
     assert len(pushed) == 1 and len(seen) == 1 and len(method.queue) == B
 
 

@@ -8,7 +8,11 @@ Barlow statistics, MoCo's shuffle/unshuffle). The ``moco-bn`` case keeps BN in t
 shuffling BN on 2 processes must equal its single-device emulation with ``bn_splits=2`` (same permutation, drawn
 from the same seeded generator), which checks both the DDP shuffle and the emulation.
 
-One spawn runs every case; the workers write their results to ``tmp_path`` and the parent process asserts.
+The first test wraps the method in a hand-built DDP (``broadcast_buffers=False``) to check the methods' own
+communication step by step; the second trains MoCo and NNCLR through Lightning's DDP strategy exactly as
+``contrastkit train`` does, which is where the queues must survive DDP's buffer broadcast.
+
+One spawn per test runs every case; the workers write their results to ``tmp_path`` and the parent process asserts.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from contrastkit.config import load_config
 from contrastkit.methods import SSLMethod, build_method
+from contrastkit.models import MemoryQueue
 from contrastkit.plugins import build_plugins
 
-from distributed_utils import run_gloo
+from distributed_utils import fixed_view_module, run_gloo
 
 WORLD = 2
 N = 8  # global batch; N / WORLD per process
@@ -169,3 +174,108 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
     local = torch.stack([res["barlow-local"]["loss0"] for res in results]).mean()
     ref = _train(_build("barlow"), data, ddp=False)
     assert not torch.allclose(local, ref["loss0"], rtol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The same through Lightning's DDP strategy, as training runs it (contrastkit.training.run.build_trainer)
+# ----------------------------------------------------------------------------------------------------------------------
+# MoCo and NNCLR trained by SSLModule under build_trainer's trainer with train.strategy=ddp on 2 gloo processes
+# (launched like torchrun, see distributed_utils), with views that are a fixed function of each image and BN-free
+# networks in float64 (Lightning's 64-true precision plugin). Global queue: the 2 processes equal one process on the whole batch
+# (losses, parameters, teacher, queue). gather_distributed=false: each rank's queue holds exactly its own keys (before
+# the queues were excluded from DDP's buffer broadcast, rank 0's queue overwrote rank 1's before every forward).
+
+L_STEPS = 3
+L_CASES = {
+    "moco": NO_BN + ["method.name=moco", "method.loss=infonce", "method.shuffle_bn=shuffle", "method.queue_size=12",
+                     "method.momentum_base=0.9", "method.momentum_final=0.9"],
+    "nnclr": NO_BN + ["method.name=nnclr", "method.loss=infonce", "method.queue_size=10"],
+}
+
+
+def _lightning_cfg(case: str, world: int, tmp: Path, extra: list[str] | None = None):
+    devices = ["train.devices=2", "train.strategy=ddp"] if world == 2 else ["train.devices=1"]
+    return load_config(None, L_CASES[case] + devices + (extra or []) + [
+        "train.accelerator=cpu", "optim.name=sgd", "optim.lr=0.2", "optim.lr_scaling=none",
+        "optim.warmup_epochs=0", f"optim.batch_size={N // world}", "train.epochs=1", "train.progress_bar=false",
+        "train.knn_every_n_epochs=0", "model.widths=[4, 8]", f"train.run_dir={tmp}"])
+
+
+def _fit(cfg, rank: int, world: int) -> dict[str, object]:
+    """Fit through build_trainer; rank ``r`` of ``world`` gets rows ``[r * n, (r + 1) * n)`` of every global batch."""
+    import lightning as L
+    from lightning.pytorch.plugins import DoublePrecision
+
+    from contrastkit.training.run import build_trainer
+
+    module = fixed_view_module(cfg, N * L_STEPS, L_STEPS)
+    pushed: list[Tensor] = []
+    push = module.method.queue.push
+    module.method.queue.push = lambda keys, *a, **k: (pushed.append(keys.detach().clone()), push(keys, *a, **k))[1]
+    n = N // world
+    order = torch.randperm(N * L_STEPS, generator=torch.Generator().manual_seed(5))
+    batches = [order[s * N: (s + 1) * N][rank * n: (rank + 1) * n] for s in range(L_STEPS)]
+    record: dict[str, object] = {"losses": []}
+
+    class Recorder(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            record["losses"].append(outputs["loss"].detach().clone())
+
+        def on_train_end(self, trainer, pl_module):
+            ddp = trainer.strategy.model  # DDP's wrapper under DDP: the buffers it broadcasts before each forward
+            if world > 1:
+                record["broadcast_buffers"] = sorted(ddp.named_module_buffers)
+
+    trainer = build_trainer(cfg, [Recorder()], Path(cfg.train.run_dir), checkpoints=False)
+    trainer.strategy.precision_plugin = DoublePrecision()  # Lightning's precision=64-true, for exact comparisons
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    method = module.method
+    record.update(pushed=pushed, params={k: v.detach().clone() for k, v in method.named_parameters()},
+                  queue={k: v.clone() for k, v in method.queue.state_dict().items()},
+                  teacher={k: v.clone() for k, v in method.teacher.state_dict().items()} if hasattr(method, "teacher")
+                  else {})
+    return record
+
+
+def _lightning_worker(rank: int, world: int, tmp: str) -> dict[str, object]:
+    out = {}
+    for case in L_CASES:
+        out[case] = _fit(_lightning_cfg(case, world, Path(tmp) / f"{case}{rank}"), rank, world)
+        local = ["method.gather_distributed=false"]
+        out[case + "-local"] = _fit(_lightning_cfg(case, world, Path(tmp) / f"{case}-local{rank}", local), rank, world)
+    return out
+
+
+@pytest.mark.slow
+def test_lightning_ddp_queues_two_processes(tmp_path: Path) -> None:
+    results = run_gloo(_lightning_worker, WORLD, tmp_path, str(tmp_path), timeout_s=300, launcher="lightning")
+    for case in L_CASES:
+        ref = _fit(_lightning_cfg(case, 1, tmp_path / f"{case}-ref"), 0, 1)
+        ranks = [res[case] for res in results]
+        for step in range(L_STEPS):
+            _close((ranks[0]["losses"][step] + ranks[1]["losses"][step]) / 2, ref["losses"][step],
+                   f"{case} step {step}: mean loss")
+        for r in ranks:
+            # DDP's per-forward broadcast leaves the queues alone (the model's other buffers are still broadcast)
+            assert not any(".queue." in name for name in r["broadcast_buffers"]), r["broadcast_buffers"]
+            for part in ("params", "teacher", "queue"):
+                assert r[part].keys() == ref[part].keys()
+                for k, v in ref[part].items():
+                    _close(r[part][k], v, f"{case}: {part} {k}")
+        keys_per_step = N * (2 if case == "moco" else 1)  # MoCo (symmetric) enqueues both views' keys
+        assert int(ref["queue"]["filled"]) == min(int(ref["queue"]["keys"].shape[0]), L_STEPS * keys_per_step)
+        assert torch.equal(ranks[0]["queue"]["keys"], ranks[1]["queue"]["keys"])
+
+        # per-rank queues: each rank's queue is exactly the FIFO of its own keys, and the two differ
+        local = [res[case + "-local"] for res in results]
+        size = int(local[0]["queue"]["keys"].shape[0])
+        for r in local:
+            replay = MemoryQueue(size, r["queue"]["keys"].shape[1], gather_distributed=False).double()
+            for keys in r["pushed"]:
+                replay.push(keys)
+            for k, v in replay.state_dict().items():
+                assert torch.equal(r["queue"][k], v), f"{case}: a rank's own queue was overwritten ({k})"
+            assert all(keys.shape[0] == N // WORLD for keys in r["pushed"])  # no gathering
+        assert not torch.allclose(local[0]["queue"]["keys"], local[1]["queue"]["keys"])
+        for k, v in local[0]["params"].items():
+            assert torch.equal(v, local[1]["params"][k])  # DDP still keeps the parameters in sync

@@ -58,36 +58,59 @@ def test_no_weight_decay_on_bn_and_bias():
         split_decay([ParamGroup("a", list(head.parameters())), ParamGroup("b", list(head.parameters()))], 0.1, 0.0)
 
 
-def _lars_reference(w, g, buf, lr, wd, eta, momentum, clip):
-    """One LARS step in float64 NumPy (solo-learn's formulation), for a parameter with weight decay."""
-    w_norm, g_norm = np.linalg.norm(w), np.linalg.norm(g)
-    trust = eta * w_norm / (g_norm + wd * w_norm) if w_norm > 0 and g_norm > 0 else 1.0
-    if clip:
-        trust = min(trust / lr, 1.0)
-    d = (g + wd * w) * trust
-    buf = d if buf is None else momentum * buf + d
+def _lars_reference(w, g, buf, lr, wd, eta, momentum, clip, adapt=True, eps=1e-8):
+    """One LARS step in float64 NumPy, written from solo-learn's update rule (solo/utils/lars.py): a zero weight or
+    gradient norm gets neither weight decay nor adaptation; the clipped ratio at lr = 0 is its limit, 1."""
+    if not adapt:  # biases and BN: SGD with weight decay
+        d = g + wd * w
+    elif np.linalg.norm(w) == 0 or np.linalg.norm(g) == 0:
+        d = g
+    else:
+        ratio = eta * np.linalg.norm(w) / (np.linalg.norm(g) + wd * np.linalg.norm(w) + eps)
+        if clip:
+            ratio = 1.0 if lr == 0 else min(ratio / lr, 1.0)
+        d = ratio * (g + wd * w)
+    buf = d.copy() if buf is None else momentum * buf + d
     return w - lr * buf, buf
+
+
+# step: (lr, which weights are zeroed before the step, which gradients are zero)
+LARS_STEPS = [(0.7, (), ()), (0.0, (), ()), (0.7, ("w0",), ()), (0.5, (), ("w",)), (0.0, ("w0",), ("b",)),
+              (0.3, (), ())]
 
 
 @pytest.mark.parametrize("clip", [True, False])
 def test_lars_matches_reference(clip):
+    """LARS against the NumPy reference over steps with lr = 0, zero weights and zero gradients (with momentum, so
+    each step's buffer carries into the next)."""
     torch.manual_seed(0)
-    w0 = torch.randn(7, 5, dtype=torch.float64)
-    b0 = torch.randn(5, dtype=torch.float64)
-    w = nn.Parameter(w0.clone())
-    b = nn.Parameter(b0.clone())
-    opt = LARS([dict(params=[w], weight_decay=1e-3, lars_adapt=True), dict(params=[b], weight_decay=0.0, lars_adapt=False)],
+    init = {"w": torch.randn(7, 5, dtype=torch.float64), "w0": torch.randn(4, 3, dtype=torch.float64),
+            "b": torch.randn(5, dtype=torch.float64)}
+    params = {k: nn.Parameter(v.clone()) for k, v in init.items()}
+    opt = LARS([dict(params=[params["w"], params["w0"]], weight_decay=1e-3, lars_adapt=True),
+                dict(params=[params["b"]], weight_decay=1e-4, lars_adapt=False)],
                lr=0.7, momentum=0.9, eta=0.02, clip_lr=clip)
-    ref_w, ref_b, buf_w, buf_b = w0.numpy().copy(), b0.numpy().copy(), None, None
-    for step in range(3):
-        gw, gb = torch.randn_like(w0), torch.randn_like(b0)
-        w.grad, b.grad = gw.clone(), gb.clone()
+    ref = {k: v.numpy().copy() for k, v in init.items()}
+    bufs: dict[str, np.ndarray | None] = dict.fromkeys(init)
+    for lr, zero_weights, zero_grads in LARS_STEPS:
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for k in zero_weights:
+            with torch.no_grad():
+                params[k].zero_()
+            ref[k] = np.zeros_like(ref[k])
+        grads = {k: torch.zeros_like(v) if k in zero_grads else torch.randn_like(v) for k, v in init.items()}
+        for k, p in params.items():
+            p.grad = grads[k].clone()
         opt.step()
-        ref_w, buf_w = _lars_reference(ref_w, gw.numpy(), buf_w, 0.7, 1e-3, 0.02, 0.9, clip)
-        buf_b = gb.numpy() if buf_b is None else 0.9 * buf_b + gb.numpy()
-        ref_b = ref_b - 0.7 * buf_b
-        np.testing.assert_allclose(w.detach().numpy(), ref_w, rtol=1e-10, atol=1e-12)
-        np.testing.assert_allclose(b.detach().numpy(), ref_b, rtol=1e-10, atol=1e-12)
+        for k in init:
+            wd = 1e-4 if k == "b" else 1e-3
+            ref[k], bufs[k] = _lars_reference(ref[k], grads[k].numpy(), bufs[k], lr, wd, 0.02, 0.9, clip,
+                                              adapt=k != "b")
+            np.testing.assert_allclose(params[k].detach().numpy(), ref[k], rtol=1e-12, atol=1e-14, err_msg=k)
+            np.testing.assert_allclose(opt.state[params[k]]["momentum_buffer"].numpy(), bufs[k], rtol=1e-12,
+                                       atol=1e-14, err_msg=f"{k} momentum buffer")
+    assert not np.array_equal(ref["w0"], np.zeros_like(ref["w0"]))  # the zeroed weight moved again afterwards
 
 
 @pytest.mark.parametrize("name, cls", [("sgd", torch.optim.SGD), ("lars", LARS), ("adamw", torch.optim.AdamW)])

@@ -313,6 +313,28 @@ def test_queue_get_is_a_snapshot() -> None:
     assert q.grad is not None
 
 
+def test_queue_stage_commit_discard() -> None:
+    """Staged keys are invisible until commit, which pushes them in staging order (as direct pushes would);
+    discard drops them; shape errors are raised at stage time."""
+    queue, direct = MemoryQueue(10, 4, store_indices=True), MemoryQueue(10, 4, store_indices=True)
+    batches = [_labelled_keys(range(start, start + 3)) for start in (0, 3, 6, 9)]
+    for keys, idx in batches[:2]:
+        queue.stage(keys, indices=idx)
+        direct.push(keys, indices=idx)
+    assert len(queue) == 0 and queue.staged == 2 and queue.get().shape == (0, 4)
+    assert queue.commit() == 2 and queue.staged == 0
+    queue.stage(*batches[2])
+    queue.discard()  # a skipped optimizer step
+    assert queue.commit() == 0
+    queue.stage(batches[3][0], indices=batches[3][1])
+    direct.push(batches[3][0], indices=batches[3][1])
+    queue.commit()
+    for a, b in zip(queue.state_dict().values(), direct.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="shape"):
+        queue.stage(torch.randn(3, 5))
+
+
 def test_queue_state_dict_round_trip(tmp_path) -> None:
     queue = MemoryQueue(7, 4, store_indices=True)
     for start in (0, 3, 6):

@@ -7,35 +7,16 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 
 import torch
 from torch import Tensor, nn
 
+from contrastkit.distributed import all_reduce_sum
 from contrastkit.errors import ConfigError
-from contrastkit.losses import distributed
 from contrastkit.losses.common import at_least_float32, autocast_disabled
 from contrastkit.validation import check_flag, positive_float
 
-__all__ = ["BarlowTwinsLoss", "all_reduce_sum"]
-
-
-def all_reduce_sum(x: Tensor) -> Tensor:
-    """Sum of ``x`` over all processes, differentiable; ``x`` itself when not distributed.
-
-    Uses :func:`torch.distributed.nn.functional.all_reduce`, whose backward pass all-reduces the incoming gradient.
-    A raw ``torch.distributed.all_reduce`` is invisible to autograd: each process then back-propagates only through
-    its own summand, and after DDP's averaging the gradient is ``1 / world_size`` of the correct one (the bug of
-    several public Barlow Twins implementations). With this one, every process computes the same global loss ``L``
-    and receives ``W * dL/dx_r`` for its slice, which DDP's averaging turns into exactly ``dL/dx_r``.
-    """
-    if distributed.world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_reduce
-
-    with warnings.catch_warnings():  # PyTorch marks it deprecated in favour of a functional collective
-        warnings.simplefilter("ignore", FutureWarning)
-        return all_reduce(x)
+__all__ = ["BarlowTwinsLoss"]
 
 
 class BarlowTwinsLoss(nn.Module):
@@ -53,7 +34,7 @@ class BarlowTwinsLoss(nn.Module):
 
     Distributed training (``gather_distributed=True``, world size ``W > 1``): the batch mean and variance and the
     cross-correlation are computed over the global batch (``N = W * n``) with differentiable all-reduces
-    (:func:`all_reduce_sum`). Every process then returns the same global loss, and after DDP's gradient averaging
+    (:func:`contrastkit.distributed.all_reduce_sum`). Every process then returns the same global loss, and after DDP's gradient averaging
     ``W`` processes on ``W`` equal slices train exactly like one process on the whole batch. (Local BN statistics
     with a summed or averaged cross-correlation, as in some implementations, give a different loss; a raw
     ``all_reduce`` additionally scales the gradient by ``1/W``.) All processes must call it with the same ``D``.

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contrastkit import distributed
 from contrastkit.errors import ConfigError
-from contrastkit.losses import distributed
 from contrastkit.losses.common import at_least_float32, autocast_disabled, check_pair
 from contrastkit.validation import check_flag, positive_float
 
@@ -209,7 +209,7 @@ class _TwoViewContrastiveLoss(nn.Module):
 _DISTRIBUTED_DOC = """
     Distributed training (``gather_distributed=True``): when a process group with world size ``W > 1`` is
     initialised, each process gathers the embeddings of all processes (with gradients, see
-    :mod:`contrastkit.losses.distributed`), so its anchors are contrasted with the ``2N - 2`` negatives of the global
+    :mod:`contrastkit.distributed`), so its anchors are contrasted with the ``2N - 2`` negatives of the global
     batch (``N = W * n``) and their positives are found at this rank's offset ``rank * n`` in it. The loss returned is
     the mean over this process's ``2n`` anchors; the mean over processes equals the single-process loss on the global
     batch, and the gradient reaching each process's inputs is ``W`` times the corresponding slice of the global

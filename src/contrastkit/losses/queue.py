@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contrastkit import distributed
 from contrastkit.errors import ConfigError
-from contrastkit.losses import distributed
 from contrastkit.losses.common import at_least_float32, autocast_disabled
 from contrastkit.validation import check_flag, positive_float
 from contrastkit.losses.contrastive import contrastive_from_logits, dclw_weights
@@ -73,7 +73,7 @@ class QueueContrastiveLoss(nn.Module):
     Args:
         temperature: Softmax temperature ``t`` applied to the cosine similarities, > 0. Default 0.2 (MoCo v2).
         gather_distributed: Under DDP (world size ``W > 1``), with ``negatives=None``, contrast each query with the
-            keys of all processes; gathered with gradients (:func:`contrastkit.losses.distributed.gather`), so W
+            keys of all processes; gathered with gradients (:func:`contrastkit.distributed.gather`), so W
             processes on W equal slices train exactly like one process on the whole batch. With a bank, the bank is
             used as is (a MoCo queue is already global, see :class:`contrastkit.models.MemoryQueue`), and only
             DCLW's weights are normalised over the global batch. Default False.

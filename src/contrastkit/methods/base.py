@@ -10,9 +10,12 @@ Contract:
 - ``forward_loss(views, progress) -> dict``: ``views`` is a list of ``B x C x h x w`` float tensors (one per view,
   already augmented and normalised); ``progress`` in ``[0, 1]`` is the fraction of training done (for schedules such
   as a momentum that rises to 1). Returns a dict with the scalar ``"loss"`` and any other scalars to log.
-- ``after_optimizer_step(progress)``: called once per optimizer step (after gradient accumulation), for EMA
-  teachers and similar updates. Default: the momentum update of the teacher made by :meth:`SSLMethod.add_teacher`,
-  if the method has one; nothing otherwise.
+- ``after_optimizer_step(progress)``: called once per optimizer step that was taken (after gradient accumulation),
+  for EMA teachers and queues. Default: the momentum update of the teacher made by :meth:`SSLMethod.add_teacher`,
+  if the method has one, then the commit of the keys staged in every
+  :class:`~contrastkit.models.MemoryQueue` of the method during the step's micro-batches. Overrides call ``super()``.
+- ``after_skipped_step()``: called instead when the optimizer step was skipped (the fp16 grad scaler found
+  non-finite gradients): the teacher stays, the staged keys are discarded.
 - ``parameter_groups() -> list[ParamGroup]``: named groups with a learning-rate factor (e.g. a predictor at 10x).
   Every trainable parameter appears in exactly one group; the trainer splits each group further into weight-decay /
   no-weight-decay parts.
@@ -33,7 +36,7 @@ from torch import nn
 
 from contrastkit.config import MethodConfig
 from contrastkit.errors import ConfigError
-from contrastkit.models import MomentumTeacher, cosine_momentum, mlp
+from contrastkit.models import MemoryQueue, MomentumTeacher, cosine_momentum, mlp
 from contrastkit.plugins.base import PluginSet
 
 
@@ -111,11 +114,24 @@ class SSLMethod(nn.Module):
         self.teacher = MomentumTeacher(students)
         return self.teacher
 
+    def queues(self) -> list[MemoryQueue]:
+        """The method's memory queues (any depth)."""
+        return [m for m in self.modules() if isinstance(m, MemoryQueue)]
+
     def after_optimizer_step(self, progress: float) -> None:
-        """Hook called once per optimizer step: the EMA update of the teacher, if :meth:`add_teacher` made one."""
+        """Hook called once per optimizer step taken: the EMA update of the teacher, if :meth:`add_teacher` made
+        one, then every queue commits the keys staged since the previous step."""
         teacher = getattr(self, "teacher", None)
         if isinstance(teacher, MomentumTeacher):
             teacher.update(cosine_momentum(self.cfg.momentum_base, self.cfg.momentum_final, progress))
+        for queue in self.queues():
+            queue.commit()
+
+    def after_skipped_step(self) -> None:
+        """Hook called instead of :meth:`after_optimizer_step` when the optimizer step was skipped (the fp16 grad
+        scaler found non-finite gradients): no EMA update, and the staged queue keys are dropped."""
+        for queue in self.queues():
+            queue.discard()
 
     def parameter_groups(self) -> list[ParamGroup]:
         """One group per direct sub-module with trainable parameters, named after it (``backbone``,

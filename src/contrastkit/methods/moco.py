@@ -4,7 +4,8 @@ https://arxiv.org/abs/1911.05722): momentum contrast with a queue of keys.
 query encoder: backbone -> projector ``q``;  key encoder: EMA copy of backbone -> projector ``k`` (no gradient).
 Each query's positive is the key of the other view of its image; its negatives are the keys of earlier steps, held
 in a :class:`~contrastkit.models.MemoryQueue` (global under DDP). The queue is read *before* this step's keys are
-enqueued, so they are never their own negatives. The loss is InfoNCE (MoCo), DCL or DCLW (``method.loss``; the DCL
+enqueued (they are staged and pushed after the optimizer step, see the MemoryQueue docstring), so they are never
+their own negatives. The loss is InfoNCE (MoCo), DCL or DCLW (``method.loss``; the DCL
 paper, https://arxiv.org/abs/2110.06848, applies DCL to MoCo v2), see :class:`~contrastkit.losses.QueueContrastiveLoss`.
 
 - ``method.symmetric=true`` (default): both views serve as queries, ``(L(q1, k2) + L(q2, k1)) / 2``, and the keys of
@@ -50,12 +51,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from contrastkit import distributed
 from contrastkit.config import MethodConfig
 from contrastkit.errors import ConfigError
-from contrastkit.losses import build_queue_loss, distributed
+from contrastkit.distributed import gather_no_grad
+from contrastkit.losses import build_queue_loss
 from contrastkit.methods.base import SSLMethod, build_projector, check_no_options, check_two_views
 from contrastkit.models import MemoryQueue
-from contrastkit.models.queue import gather_no_grad
 
 Encoder = Callable[[Tensor], Tensor]
 
@@ -170,6 +172,6 @@ class MoCo(SSLMethod):
         else:
             loss = self.criterion(q[0], k[0], negatives)
         for keys in k:
-            self.queue.push(keys)
+            self.queue.stage(keys)  # enqueued at the optimizer step
         return {"loss": loss}
 

@@ -5,8 +5,9 @@ backbone -> projector ``z`` -> predictor ``p``. The positive of view 2's predict
 projections); its negatives are the predictions ``p2_j`` of the other samples of the batch (paper Eq. 2, global under
 ``method.gather_distributed``). The loss is symmetrised, ``(L(NN(z1), p2) + L(NN(z2), p1)) / 2``, and can be
 InfoNCE (the paper), DCL or DCLW (``method.loss``; :class:`~contrastkit.losses.QueueContrastiveLoss` with
-``negatives=None``). After the loss, view 1's projections are enqueued (the paper's pseudo-code and solo-learn); the
-support set is therefore global under DDP and never contains the current batch.
+``negatives=None``). After the loss, view 1's projections are enqueued (the paper's pseudo-code and solo-learn; staged and
+pushed after the optimizer step, see the MemoryQueue docstring); the support set is therefore global under DDP and
+never contains the current batch.
 
 The support set is empty at the very first step of a run; the neighbour is then the projection itself (detached),
 i.e. that single step is a SimCLR-style step with a predictor.
@@ -62,6 +63,6 @@ class NNCLR(SSLMethod):
         support = self.queue.get()  # MxP snapshot: earlier steps only
         nn1, nn2 = self.neighbour(z1, support), self.neighbour(z2, support)  # BxP each, no gradient
         loss = (self.criterion(nn1, p2) + self.criterion(nn2, p1)) / 2
-        self.queue.push(z1.detach())
+        self.queue.stage(z1.detach())  # enqueued at the optimizer step
         return {"loss": loss}
 

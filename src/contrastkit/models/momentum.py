@@ -42,6 +42,17 @@ def fixed_momentum(base: float, progress: float = 0.0) -> float:
     return number_in(base, "momentum", 0.0, 1.0)
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _inputs_to_parameter_dtype(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of the teacher's modules: cast half-precision floating inputs to the parameters' dtype."""
+    dtype = next((p.dtype for p in module.parameters()), None)
+    if dtype is None:
+        return args
+    return tuple(a.to(dtype) if isinstance(a, Tensor) and a.dtype in _LOW_PRECISION else a for a in args)
+
+
 class MomentumTeacher(nn.Module):
     """An exponential-moving-average copy of a set of student modules.
 
@@ -53,6 +64,13 @@ class MomentumTeacher(nn.Module):
 
     with ``torch._foreach_lerp_`` (one fused kernel per dtype/device group). Call it once per optimizer step, after
     the step (SSLMethod.after_optimizer_step), so that gradient accumulation does not change the schedule.
+
+    Precision: the teacher's parameters and buffers are kept in at least float32, whatever the rest of the model is
+    converted to (``module.to(torch.bfloat16)``, as Lightning's ``precision=bf16-true`` does). In bfloat16 (8
+    significant bits) an EMA increment ``(1 - m) * (student - teacher)`` with ``m = 0.99 .. 0.999`` is almost always
+    below half a unit in the last place of the teacher's weight, so the update rounds to nothing and the teacher
+    never moves. Lower-precision inputs to the teacher's modules are cast to its dtype by a forward pre-hook (so
+    its forward pass runs in float32 too; its outputs stay float32).
 
     Buffers (BatchNorm running statistics): MoCo and BYOL momentum-update only the parameters; the teacher runs in
     training mode (it normalises with batch statistics) and its running statistics are whatever its own forward
@@ -80,7 +98,20 @@ class MomentumTeacher(nn.Module):
         for name, student in self._students.items():
             teacher = copy.deepcopy(student)
             teacher.requires_grad_(False)
+            teacher.register_forward_pre_hook(_inputs_to_parameter_dtype)
             self.add_module(name, teacher)
+        self._keep_float32()  # a student already in half precision gives a float32 teacher too
+
+    def _keep_float32(self) -> None:
+        for t in [*self.parameters(), *self.buffers()]:
+            if t.dtype in _LOW_PRECISION:
+                t.data = t.data.float()
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """``nn.Module._apply`` (behind ``.to``, ``.half()``, ...), then half-precision tensors back to float32."""
+        super()._apply(fn, recurse)
+        self._keep_float32()
+        return self
 
     def _pairs(self) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
         """Matching (teacher, student) parameter and buffer lists, checked for the same structure."""
@@ -102,6 +133,8 @@ class MomentumTeacher(nn.Module):
         """One EMA step: ``teacher <- momentum * teacher + (1 - momentum) * student`` (see the class docstring)."""
         m = number_in(momentum, "momentum", 0.0, 1.0)
         t_params, s_params, t_bufs, s_bufs = self._pairs()
+        s_params = [s.to(t.dtype) for t, s in zip(t_params, s_params)]  # a bf16 student into the float32 teacher
+        s_bufs = [s.to(t.dtype) for t, s in zip(t_bufs, s_bufs)]
         if m < 1.0:
             torch._foreach_lerp_(t_params, s_params, 1.0 - m)
         float_t = [t for t, s in zip(t_bufs, s_bufs) if t.is_floating_point() and self.buffer_mode == "ema"]

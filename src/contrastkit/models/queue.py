@@ -9,39 +9,35 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contrastkit.distributed import gather_no_grad
 from contrastkit.errors import ConfigError
 from contrastkit.validation import positive_int
-from contrastkit.losses import distributed
 
-__all__ = ["MemoryQueue", "gather_no_grad"]
-
-
-@torch.no_grad()
-def gather_no_grad(x: Tensor) -> Tensor:
-    """Concatenate ``x`` (``n x ...``, the same shape on every process) from all processes along dim 0, without
-    gradient: rows ``[r * n, (r + 1) * n)`` come from rank ``r``. ``x`` itself when not distributed."""
-    world = distributed.world_size()
-    if world == 1:
-        return x
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x)
-    return torch.cat(parts, dim=0)
+__all__ = ["MemoryQueue", "ddp_ignored_buffers"]
 
 
 class MemoryQueue(nn.Module):
     """First-in first-out queue of L2-normalised embeddings, saved in checkpoints.
 
     ``push(keys)`` L2-normalises ``keys`` (``n x D``) and writes them over the oldest entries; ``get()`` returns a
-    detached copy of the entries written so far. The intended order in a training step is::
+    detached copy of the entries written so far. In training, methods do not push directly: they ``stage`` this
+    micro-batch's keys, and the training loop ``commit``s everything staged once per optimizer step
+    (:meth:`contrastkit.methods.base.SSLMethod.after_optimizer_step`), or ``discard``s it when the step was skipped
+    (the fp16 grad scaler found non-finite gradients)::
 
-        negatives = queue.get()            # snapshot: only keys of earlier steps
+        negatives = queue.get()            # snapshot: only keys of earlier optimizer steps
         loss = criterion(q, k, negatives)  # this step's keys are never their own negatives
-        queue.push(k)                      # enqueue after the loss is computed
+        queue.stage(k)                     # held back until the optimizer step ...
+        queue.commit()                     # ... then pushed, in staging order (SSLMethod.after_optimizer_step)
+
+    Why per optimizer step: with gradient accumulation over ``A`` micro-batches, every micro-batch then reads the
+    same queue, the one a step over the ``A``-times larger batch would read (as do ``A`` DDP processes with a
+    global queue); pushing per micro-batch would make later micro-batches contrast with the keys of earlier ones of
+    the same step, a dependence on micro-batch order a large batch does not have. The
+    queue also changes only when the teacher that made its keys does (the EMA runs at the same point).
 
     ``get()`` returns a copy, so a later ``push`` can never change the negatives of a loss that has already been
     computed (the in-place write would otherwise also break its backward pass).
@@ -62,7 +58,12 @@ class MemoryQueue(nn.Module):
     - State: the storage (``keys``, and ``indices``/``labels`` when kept), the write pointer ``ptr`` and the count
       ``filled`` are registered buffers, so they are saved in checkpoints, restored by ``load_state_dict`` and moved
       by ``.to(device)``. The pointer and count are mirrored as Python integers to avoid a device-to-host copy per
-      step; ``load_state_dict`` refreshes the mirrors.
+      step; ``load_state_dict`` refreshes the mirrors. Staged, uncommitted keys are not state: checkpoints are
+      written between optimizer steps, when nothing is staged.
+    - DDP: the buffers are per-process state (a global queue is identical on every rank because every rank pushes
+      the same gathered keys; with ``gather_distributed=False`` each rank keeps its own). They must not be
+      overwritten by DDP's per-forward broadcast of rank 0's buffers (``broadcast_buffers=True``, Lightning's
+      default), so the training module lists them in DDP's ignore list (:func:`ddp_ignored_buffers`).
 
     Args:
         size: Number of entries ``K`` (> 0). MoCo v2: 65536 on ImageNet; see each method for its default.
@@ -102,6 +103,7 @@ class MemoryQueue(nn.Module):
         self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long) if store_labels else None)
         self._ptr = 0  # Python mirrors of ptr and filled
         self._filled = 0
+        self._staged: list[tuple[Tensor, Tensor | None, Tensor | None]] = []  # (keys, indices, labels) per stage()
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, filled={self._filled}, gather_distributed={self.gather_distributed}"
@@ -158,12 +160,7 @@ class MemoryQueue(nn.Module):
             indices: Optional dataset indices, shape ``(n,)``, kept when the queue stores indices.
             labels: Optional labels, shape ``(n,)``, kept when the queue stores labels.
         """
-        if keys.ndim != 2 or keys.shape[1] != self.dim:
-            raise ValueError(f"queue keys must have shape (n, {self.dim}), got {tuple(keys.shape)}")
-        n_local = keys.shape[0]
-        for name, extra in (("indices", indices), ("labels", labels)):
-            if extra is not None and tuple(extra.shape) != (n_local,):
-                raise ValueError(f"queue {name} must have shape ({n_local},), got {tuple(extra.shape)}")
+        self._check(keys, indices, labels)
         keys = keys.detach()
         keys = keys if keys.dtype in (torch.float32, torch.float64) else keys.float()
         keys = F.normalize(keys, dim=1).to(self.keys.dtype)  # nxD, normalised in float32 (or float64)
@@ -185,6 +182,38 @@ class MemoryQueue(nn.Module):
         self.ptr.fill_(self._ptr)
         self.filled.fill_(self._filled)
 
+    def _check(self, keys: Tensor, indices: Tensor | None, labels: Tensor | None) -> None:
+        if keys.ndim != 2 or keys.shape[1] != self.dim:
+            raise ValueError(f"queue keys must have shape (n, {self.dim}), got {tuple(keys.shape)}")
+        for name, extra in (("indices", indices), ("labels", labels)):
+            if extra is not None and tuple(extra.shape) != (keys.shape[0],):
+                raise ValueError(f"queue {name} must have shape ({keys.shape[0]},), got {tuple(extra.shape)}")
+
+    @torch.no_grad()
+    def stage(self, keys: Tensor, indices: Tensor | None = None, labels: Tensor | None = None) -> None:
+        """Hold ``keys`` (and optional ``indices``/``labels``, as in :meth:`push`) until :meth:`commit`; checked now,
+        invisible to :meth:`get` until committed."""
+        self._check(keys, indices, labels)
+        self._staged.append((keys.detach(), None if indices is None else indices.detach(),
+                             None if labels is None else labels.detach()))
+
+    def commit(self) -> int:
+        """Push everything staged since the last commit, in staging order (one :meth:`push` per :meth:`stage`, so
+        each is gathered on its own under DDP); return the number of pushes."""
+        staged, self._staged = self._staged, []
+        for keys, indices, labels in staged:
+            self.push(keys, indices, labels)
+        return len(staged)
+
+    def discard(self) -> None:
+        """Drop the staged keys without pushing them (the optimizer step they belong to was skipped)."""
+        self._staged = []
+
+    @property
+    def staged(self) -> int:
+        """Number of :meth:`stage` calls waiting for :meth:`commit`."""
+        return len(self._staged)
+
     # ------------------------------------------------------------------------------------------------ checkpoints
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -196,3 +225,11 @@ class MemoryQueue(nn.Module):
                     "was it saved with a different method.queue_size?"
                 )
             self._ptr, self._filled = ptr, filled
+
+
+def ddp_ignored_buffers(root: nn.Module) -> list[str]:
+    """Fully qualified names (relative to ``root``) of the buffers of every :class:`MemoryQueue` inside ``root``:
+    the per-process state that DDP must not broadcast from rank 0 (see the class docstring)."""
+    return [f"{prefix}.{name}" if prefix else name
+            for prefix, module in root.named_modules() if isinstance(module, MemoryQueue)
+            for name, _ in module.named_buffers(recurse=False)]

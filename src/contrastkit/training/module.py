@@ -6,8 +6,13 @@ epoch's order is a function of ``(seed, epoch)`` and DDP ranks get disjoint shar
 images of a batch on the device and makes the views there with the batched
 :class:`~contrastkit.augment.ViewGenerator`; no worker processes compete with the model for the CPU.
 
-Randomness is checkpointed: the augmentation generator, torch's CPU/CUDA generators, so that ``--resume``
-continues exactly as an uninterrupted run (see tests/test_training.py).
+Randomness is checkpointed: every rank's augmentation generator (seeded from ``(seed, rank)``; gathered from all
+ranks, each rank restores its own), torch's global CPU and current CUDA device's generators (from rank 0; the
+ranks draw the same from them, see docs/architecture.md), so that ``--resume`` continues exactly as an
+uninterrupted run (tests/test_training.py, tests/test_training_distributed.py).
+
+DDP: the memory queues' buffers are excluded from DDP's buffer broadcast (:meth:`SSLModule.setup`); the EMA
+teacher and the queues are updated once per optimizer step *taken* (:meth:`SSLModule.optimizer_step`).
 """
 
 from __future__ import annotations
@@ -18,14 +23,17 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from contrastkit.augment import ViewGenerator, policy_preset
 from contrastkit.augment.views import ViewPolicy
 from contrastkit.config import Config, config_from_dict, scaled_lr
+from contrastkit.distributed import gather_objects
 from contrastkit.errors import ConfigError, ContrastkitError
 from contrastkit.methods import SSLMethod, build_method
 from contrastkit.models import backbone_args, build_backbone
+from contrastkit.models.queue import ddp_ignored_buffers
 from contrastkit.plugins import StepContext, build_plugins
 from contrastkit.training.callbacks import divergence_error
 from contrastkit.training.optim import build_optimizer, warmup_cosine
@@ -128,11 +136,13 @@ class SSLModule(L.LightningModule):
         self.peak_lr = scaled_lr(cfg, world_size)
         self.images: torch.Tensor | None = None  # N x C x H x W uint8, set by attach_images()
         self._aug_gen: torch.Generator | None = None
-        self._aug_gen_state: torch.Tensor | None = None
+        self._aug_gen_states: list[torch.Tensor] | None = None  # restored from a checkpoint: one per rank
+        self._cuda_rng_state: torch.Tensor | None = None  # restored from a checkpoint, set once on the device
         self._t_last: float | None = None
         # train.compile: torch.compile's wrapper of the backbone, kept in a plain dict (not a registered sub-module)
         # so that state dicts, checkpoints and exports keep the plain parameter names (no ``_orig_mod.`` prefix)
         self._compiled: dict[str, torch.nn.Module] = {}
+        self._stepped = False  # set by the optimizer's step post-hook: the last optimizer_step really stepped
 
     # ----------------------------------------------------------------------------------------------------- data
     def attach_images(self, images: torch.Tensor) -> None:
@@ -145,6 +155,13 @@ class SSLModule(L.LightningModule):
     def backbone(self) -> torch.nn.Module:
         return self.method.backbone
 
+    def setup(self, stage: str) -> None:
+        # Lightning's DDP strategies keep DDP's broadcast_buffers=True: before every forward, rank 0's buffers
+        # overwrite the others'. For BatchNorm statistics that is harmless, but the memory queues are per-process
+        # state (per rank with method.gather_distributed=false; global, identical and then needlessly sent every
+        # step, otherwise): DDP's ignore list keeps them out of the broadcast (and of parameter syncing).
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, ddp_ignored_buffers(self))
+
     def on_fit_start(self) -> None:
         if self.images is None:
             raise ContrastkitError("no training images attached: call module.attach_images(images) first")
@@ -152,9 +169,12 @@ class SSLModule(L.LightningModule):
             self.images = self.images.to(self.device, non_blocking=True)
         self._aug_gen = torch.Generator(device=self.device)
         self._aug_gen.manual_seed(self.cfg.train.seed * 1000003 + self.global_rank)
-        if self._aug_gen_state is not None:  # restored from a checkpoint
-            self._aug_gen.set_state(self._aug_gen_state)
-            self._aug_gen_state = None
+        if self._aug_gen_states is not None and self.global_rank < len(self._aug_gen_states):
+            self._aug_gen.set_state(self._aug_gen_states[self.global_rank])  # this rank's own stream
+        self._aug_gen_states = None
+        if self._cuda_rng_state is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(self._cuda_rng_state, device=self.device)
+        self._cuda_rng_state = None
 
     # ------------------------------------------------------------------------------------------------- training
     def progress(self) -> float:
@@ -219,9 +239,20 @@ class SSLModule(L.LightningModule):
         self._t_last = None
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's step (closure, precision plugin, optimizer), then the method's EMA and queue updates: once
+        per optimizer step taken, after gradient accumulation. When the fp16 grad scaler skips the step (non-finite
+        gradients; ``optimizer.step`` is then never called, so the post-hook below does not fire) the teacher does
+        not move either and the step's staged queue keys are dropped."""
+        self._stepped = False
         super().optimizer_step(*args, **kwargs)
-        self.method.after_optimizer_step(self.progress())
-        self.method.plugins.after_optimizer_step()
+        if self._stepped:
+            self.method.after_optimizer_step(self.progress())
+            self.method.plugins.after_optimizer_step()
+        else:
+            self.method.after_skipped_step()
+
+    def _mark_stepped(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._stepped = True
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         opt = self.optimizers()
@@ -235,6 +266,7 @@ class SSLModule(L.LightningModule):
         for g in groups:  # each group: its own factor (plug-ins: their option) x the configured one for its name
             g.lr_factor *= factors.get(g.name, 1.0)
         optimizer = build_optimizer(groups, self.cfg.optim, self.peak_lr)
+        optimizer.register_step_post_hook(self._mark_stepped)
         warmup = int(round(self.cfg.optim.warmup_epochs * self.steps_per_epoch))
         schedule = warmup_cosine(self.total_steps, warmup, self.cfg.optim.warmup_start_factor,
                                  self.cfg.optim.min_lr_factor)
@@ -243,11 +275,15 @@ class SSLModule(L.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Only rank 0 writes the checkpoint. torch's global generators (MoCo's shuffle permutation draws from
+        # them): every rank draws the same numbers from them (same seed, same calls), so rank 0's state is every
+        # rank's. The augmentation generators differ by rank: all of them are gathered (this hook runs on every
+        # rank, in Lightning's dump_checkpoint, so the collective is reached by all), index = rank.
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda_device"] = torch.cuda.get_rng_state(self.device)
         if self._aug_gen is not None:
-            rng["augment"] = self._aug_gen.get_state()
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+            rng["augment_per_rank"] = gather_objects(self._aug_gen.get_state())
         checkpoint["contrastkit_rng"] = rng
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -255,10 +291,10 @@ class SSLModule(L.LightningModule):
         if not rng:
             return
         torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        if "augment" in rng:
-            self._aug_gen_state = rng["augment"]
+        self._cuda_rng_state = rng.get("cuda_device")  # set in on_fit_start, once the module is on its device
+        # each rank picks its own in on_fit_start; a run with more processes than the checkpoint's seeds the rest
+        # (checkpoints of earlier versions kept rank 0's generator only, under "augment")
+        self._aug_gen_states = rng.get("augment_per_rank") or ([rng["augment"]] if "augment" in rng else None)
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int, accumulate: int) -> int:

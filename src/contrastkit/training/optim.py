@@ -23,24 +23,30 @@ from contrastkit.methods.base import ParamGroup
 class LARS(torch.optim.Optimizer):
     """SGD with momentum, weight decay and layer-wise adaptive rate scaling.
 
-    For a parameter ``w`` with gradient ``g`` in a group with ``lars_adapt=True``:
-    ``trust = eta * ||w|| / (||g|| + wd * ||w||)`` (1 if either norm is 0; with ``clip_lr`` it becomes
-    ``min(trust / lr, 1)`` as in solo-learn's CIFAR recipes, so the adapted rate never exceeds ``lr``);
-    ``d = trust * (g + wd * w)``; ``v <- m * v + d``; ``w <- w - lr * v``.
-    Groups with ``lars_adapt=False`` (biases, BN) do plain SGD with momentum.
+    For a parameter ``w`` with gradient ``g`` in a group with ``lars_adapt=True`` (solo-learn's rule,
+    ``solo/utils/lars.py``, itself from Lightning Bolts):
+
+    - if ``||w|| > 0`` and ``||g|| > 0``: ``trust = eta * ||w|| / (||g|| + wd * ||w|| + eps)``; with ``clip_lr``
+      (solo-learn's CIFAR recipes) ``trust <- min(trust / lr, 1)``, so the adapted rate never exceeds ``lr``
+      (at ``lr = 0`` this is its limit, 1); then ``d = trust * (g + wd * w)``;
+    - otherwise (a zero weight or a zero gradient) ``d = g``: neither weight decay nor adaptation;
+    - ``v <- m * v + d`` (``v = d`` at the first step); ``w <- w - lr * v``.
+
+    Groups with ``lars_adapt=False`` (biases, BN) do plain SGD with momentum (``d = g + wd * w``).
 
     Args:
         params: parameters or groups.
         lr: learning rate. momentum: default 0.9. weight_decay: default 0. eta: trust coefficient, default 0.02
-            (solo-learn's CIFAR recipes; SimCLR uses 0.001). clip_lr: default True.
+            (solo-learn's CIFAR recipes; SimCLR uses 0.001). clip_lr: default True. eps: added to the trust ratio's
+            denominator, default 1e-8 (solo-learn, timm).
     """
 
     def __init__(
         self, params: Iterable, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.02,
-        clip_lr: bool = True,
+        clip_lr: bool = True, eps: float = 1e-8,
     ) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_adapt=True,
-                        clip_lr=clip_lr)
+                        clip_lr=clip_lr, eps=eps)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -58,14 +64,11 @@ class LARS(torch.optim.Optimizer):
                 if group["lars_adapt"]:
                     w_norm = torch.linalg.vector_norm(p)
                     g_norm = torch.linalg.vector_norm(d)
-                    trust = torch.where(
-                        (w_norm > 0) & (g_norm > 0),
-                        group["eta"] * w_norm / (g_norm + wd * w_norm),
-                        torch.ones_like(w_norm),
-                    )
-                    if group["clip_lr"] and group["lr"] > 0:
-                        trust = torch.clamp(trust / group["lr"], max=1.0)
-                    d = d.add(p, alpha=wd) * trust
+                    trust = group["eta"] * w_norm / (g_norm + wd * w_norm + group["eps"])
+                    if group["clip_lr"]:
+                        trust = torch.ones_like(trust) if group["lr"] == 0 else torch.clamp(trust / group["lr"], max=1.0)
+                    # tensors, not Python branches: no device-to-host copy per parameter
+                    d = torch.where((w_norm > 0) & (g_norm > 0), d.add(p, alpha=wd) * trust, d)
                 elif wd != 0:
                     d = d.add(p, alpha=wd)
                 state = self.state[p]

@@ -1,4 +1,7 @@
-"""Helpers for computing contrastive losses across processes (DDP).
+"""The collectives of contrastkit, in one place: process rank and count, gathers with and without gradient, a
+differentiable sum. Losses (:mod:`contrastkit.losses`), the memory queue (:mod:`contrastkit.models.queue`) and the
+methods (MoCo's shuffling BN) all use these; none calls ``torch.distributed`` collectives on its own except
+MoCo's one ``broadcast`` of its shuffle permutation.
 
 Contrastive losses get better with more negatives, so under data parallelism each process usually compares its own
 embeddings against the embeddings of *all* processes. :func:`gather` does this with gradients: the gathered tensor is
@@ -27,11 +30,15 @@ gathered tensor, so call ``loss.backward()`` on every process.
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["gather", "is_distributed", "rank", "rank_offset", "world_size"]
+__all__ = ["all_reduce_sum", "gather", "gather_no_grad", "gather_objects", "is_distributed", "rank", "rank_offset",
+           "world_size"]
 
 
 def is_distributed() -> bool:
@@ -74,3 +81,45 @@ def rank_offset(local_batch: int) -> int:
     Assumes every process has the same local batch size (see the module docstring).
     """
     return rank() * local_batch
+
+
+@torch.no_grad()
+def gather_no_grad(x: Tensor) -> Tensor:
+    """Concatenate ``x`` (``n x ...``, the same shape on every process) from all processes along dim 0, without
+    gradient (queue keys, MoCo's shuffled inputs): rows ``[r * n, (r + 1) * n)`` come from rank ``r``. ``x`` itself
+    when not distributed."""
+    world = world_size()
+    if world == 1:
+        return x
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x)
+    return torch.cat(parts, dim=0)  # (W*n)x...
+
+
+def all_reduce_sum(x: Tensor) -> Tensor:
+    """Sum of ``x`` over all processes, differentiable; ``x`` itself when not distributed.
+
+    Uses :func:`torch.distributed.nn.functional.all_reduce`, whose backward pass all-reduces the incoming gradient.
+    A raw ``torch.distributed.all_reduce`` is invisible to autograd: each process then back-propagates only through
+    its own summand, and after DDP's averaging the gradient is ``1 / world_size`` of the correct one (the bug of
+    several public Barlow Twins implementations). With this one, every process computes the same global loss ``L``
+    and receives ``W * dL/dx_r`` for its slice, which DDP's averaging turns into exactly ``dL/dx_r``.
+    """
+    if world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_reduce
+
+    with warnings.catch_warnings():  # PyTorch marks it deprecated in favour of a functional collective
+        warnings.simplefilter("ignore", FutureWarning)
+        return all_reduce(x)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` (picklable objects, e.g. generator states); ``[obj]`` when not
+    distributed. A collective: every process must call it."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
