@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
-from contrastkit.losses import distributed
+from contrastkit import distributed
 from contrastkit.losses.common import at_least_float32, autocast_disabled, check_pair
 from contrastkit.validation import check_flag, positive_float
 from contrastkit.losses.contrastive import two_view_logits
