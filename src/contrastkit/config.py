@@ -186,7 +186,7 @@ class Config:
         from contrastkit.losses import LOSSES
         from contrastkit.methods import METHODS
 
-        _check(self.method.loss is None or self.method.loss in LOSSES, "method.loss", self.method.loss,
+        check_value(self.method.loss is None or self.method.loss in LOSSES, "method.loss", self.method.loss,
                "one of " + ", ".join(sorted(LOSSES)) + " or null")
         method = METHODS.get(self.method.name)
         if method is not None and method.two_views and self.views.num_views != 2:
@@ -195,71 +195,71 @@ class Config:
         if method is not None and method.own_loss and self.method.loss is not None:
             raise ConfigError(f"method.loss={self.method.loss} does not apply to {self.method.name}, which has its own "
                               f"loss ({method.own_loss}); remove method.loss or choose simclr, moco or nnclr")
-        _check(self.method.queue_size >= 1, "method.queue_size", self.method.queue_size, ">= 1")
-        _check(0 <= self.method.momentum_base <= 1, "method.momentum_base", self.method.momentum_base, "in [0, 1]")
-        _check(0 <= self.method.momentum_final <= 1, "method.momentum_final", self.method.momentum_final,
+        check_value(self.method.queue_size >= 1, "method.queue_size", self.method.queue_size, ">= 1")
+        check_value(0 <= self.method.momentum_base <= 1, "method.momentum_base", self.method.momentum_base, "in [0, 1]")
+        check_value(0 <= self.method.momentum_final <= 1, "method.momentum_final", self.method.momentum_final,
                "in [0, 1]")
-        _check(self.method.shuffle_bn in ("auto", "shuffle", "sync", "none"), "method.shuffle_bn",
+        check_value(self.method.shuffle_bn in ("auto", "shuffle", "sync", "none"), "method.shuffle_bn",
                self.method.shuffle_bn, "one of auto, shuffle, sync, none")
-        _check(self.method.temperature > 0, "method.temperature", self.method.temperature, "> 0")
-        _check(self.method.sigma > 0, "method.sigma", self.method.sigma, "> 0")
-        _check(self.optim.name in ("sgd", "lars", "adamw"), "optim.name", self.optim.name, "one of sgd, lars, adamw")
-        _check(self.optim.lr > 0 and math.isfinite(self.optim.lr), "optim.lr", self.optim.lr, "a finite number > 0")
-        _check(self.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", self.optim.lr_scaling,
+        check_value(self.method.temperature > 0, "method.temperature", self.method.temperature, "> 0")
+        check_value(self.method.sigma > 0, "method.sigma", self.method.sigma, "> 0")
+        check_value(self.optim.name in ("sgd", "lars", "adamw"), "optim.name", self.optim.name, "one of sgd, lars, adamw")
+        check_value(self.optim.lr > 0 and math.isfinite(self.optim.lr), "optim.lr", self.optim.lr, "a finite number > 0")
+        check_value(self.optim.lr_scaling in ("linear", "sqrt", "none"), "optim.lr_scaling", self.optim.lr_scaling,
                "one of linear, sqrt, none")
-        _check(self.optim.weight_decay >= 0, "optim.weight_decay", self.optim.weight_decay, ">= 0")
-        _check(self.optim.batch_size >= 2, "optim.batch_size", self.optim.batch_size, ">= 2")
-        _check(self.optim.reference_batch_size >= 1, "optim.reference_batch_size", self.optim.reference_batch_size, ">= 1")
-        _check(self.optim.accumulate_grad_batches >= 1, "optim.accumulate_grad_batches",
+        check_value(self.optim.weight_decay >= 0, "optim.weight_decay", self.optim.weight_decay, ">= 0")
+        check_value(self.optim.batch_size >= 2, "optim.batch_size", self.optim.batch_size, ">= 2")
+        check_value(self.optim.reference_batch_size >= 1, "optim.reference_batch_size", self.optim.reference_batch_size, ">= 1")
+        check_value(self.optim.accumulate_grad_batches >= 1, "optim.accumulate_grad_batches",
                self.optim.accumulate_grad_batches, ">= 1")
-        _check(0 <= self.optim.warmup_epochs, "optim.warmup_epochs", self.optim.warmup_epochs, ">= 0")
-        _check(0 <= self.optim.min_lr_factor <= 1, "optim.min_lr_factor", self.optim.min_lr_factor, "in [0, 1]")
-        _check(0 <= self.optim.warmup_start_factor <= 1, "optim.warmup_start_factor",
+        check_value(0 <= self.optim.warmup_epochs, "optim.warmup_epochs", self.optim.warmup_epochs, ">= 0")
+        check_value(0 <= self.optim.min_lr_factor <= 1, "optim.min_lr_factor", self.optim.min_lr_factor, "in [0, 1]")
+        check_value(0 <= self.optim.warmup_start_factor <= 1, "optim.warmup_start_factor",
                self.optim.warmup_start_factor, "in [0, 1]")
-        _check(self.train.epochs >= 1, "train.epochs", self.train.epochs, ">= 1")
-        _check(self.views.num_views >= 2, "views.num_views", self.views.num_views, ">= 2")
-        _check(self.views.crop_size is None or self.views.crop_size >= 8, "views.crop_size", self.views.crop_size,
+        check_value(self.train.epochs >= 1, "train.epochs", self.train.epochs, ">= 1")
+        check_value(self.views.num_views >= 2, "views.num_views", self.views.num_views, ">= 2")
+        check_value(self.views.crop_size is None or self.views.crop_size >= 8, "views.crop_size", self.views.crop_size,
                ">= 8 or null")
-        _check(0 <= self.optim.momentum < 1, "optim.momentum", self.optim.momentum, "in [0, 1)")
-        _check(len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas), "optim.betas",
+        check_value(0 <= self.optim.momentum < 1, "optim.momentum", self.optim.momentum, "in [0, 1)")
+        check_value(len(self.optim.betas) == 2 and all(0 <= b < 1 for b in self.optim.betas), "optim.betas",
                self.optim.betas, "two numbers in [0, 1), e.g. [0.9, 0.999]")
-        _check(self.optim.lars_eta > 0, "optim.lars_eta", self.optim.lars_eta, "> 0")
-        _check(self.optim.gradient_clip_val >= 0, "optim.gradient_clip_val", self.optim.gradient_clip_val,
+        check_value(self.optim.lars_eta > 0, "optim.lars_eta", self.optim.lars_eta, "> 0")
+        check_value(self.optim.gradient_clip_val >= 0, "optim.gradient_clip_val", self.optim.gradient_clip_val,
                ">= 0 (0 = no clipping)")
-        _check(self.optim.predictor_lr_factor > 0, "optim.predictor_lr_factor", self.optim.predictor_lr_factor,
+        check_value(self.optim.predictor_lr_factor > 0, "optim.predictor_lr_factor", self.optim.predictor_lr_factor,
                "> 0")
         # bf16-true / 64-true would cast the weights but not the views (made in float32 on the device): refused
-        _check(str(self.train.precision) in PRECISIONS, "train.precision", self.train.precision,
+        check_value(str(self.train.precision) in PRECISIONS, "train.precision", self.train.precision,
                "one of " + ", ".join(PRECISIONS))
-        _check(self.train.accelerator in ACCELERATORS, "train.accelerator", self.train.accelerator,
+        check_value(self.train.accelerator in ACCELERATORS, "train.accelerator", self.train.accelerator,
                "one of " + ", ".join(ACCELERATORS))
-        _check(_valid_devices(self.train.devices), "train.devices", self.train.devices,
+        check_value(_valid_devices(self.train.devices), "train.devices", self.train.devices,
                "a number of devices >= 1, -1 (all), 'auto', or a list of device indices like [0, 1]")
-        _check(self.train.num_nodes >= 1, "train.num_nodes", self.train.num_nodes, ">= 1")
-        _check(0 <= self.train.seed < 2**32, "train.seed", self.train.seed, "an integer in [0, 2**32)")
-        _check(self.train.max_steps == -1 or self.train.max_steps >= 1, "train.max_steps", self.train.max_steps,
+        check_value(self.train.num_nodes >= 1, "train.num_nodes", self.train.num_nodes, ">= 1")
+        check_value(0 <= self.train.seed < 2**32, "train.seed", self.train.seed, "an integer in [0, 2**32)")
+        check_value(self.train.max_steps == -1 or self.train.max_steps >= 1, "train.max_steps", self.train.max_steps,
                ">= 1, or -1 for no limit (train.epochs decides)")
-        _check(self.train.knn_every_n_epochs >= 0, "train.knn_every_n_epochs", self.train.knn_every_n_epochs,
+        check_value(self.train.knn_every_n_epochs >= 0, "train.knn_every_n_epochs", self.train.knn_every_n_epochs,
                ">= 0 (0 = no kNN monitor)")
-        _check(self.train.log_every_n_steps >= 1, "train.log_every_n_steps", self.train.log_every_n_steps, ">= 1")
-        _check(self.train.num_threads >= 0, "train.num_threads", self.train.num_threads, ">= 0 (0 = torch's default)")
-        _check(self.data.val_size is None or self.data.val_size >= 1, "data.val_size", self.data.val_size,
+        check_value(self.train.log_every_n_steps >= 1, "train.log_every_n_steps", self.train.log_every_n_steps, ">= 1")
+        check_value(self.train.num_threads >= 0, "train.num_threads", self.train.num_threads, ">= 0 (0 = torch's default)")
+        check_value(self.data.val_size is None or self.data.val_size >= 1, "data.val_size", self.data.val_size,
                ">= 1 or null (the dataset's default)")
-        _check(self.data.val_seed >= 0, "data.val_seed", self.data.val_seed, ">= 0")
-        _check(self.train.knn_k >= 1, "train.knn_k", self.train.knn_k, ">= 1")
-        _check(self.train.knn_temperature > 0, "train.knn_temperature", self.train.knn_temperature, "> 0")
-        _check(self.eval.batch_size >= 1, "eval.batch_size", self.eval.batch_size, ">= 1")
-        _check(self.eval.linear_epochs >= 1, "eval.linear_epochs", self.eval.linear_epochs, ">= 1")
-        _check(self.data.monitor_bank_size >= 0, "data.monitor_bank_size", self.data.monitor_bank_size,
+        check_value(self.data.val_seed >= 0, "data.val_seed", self.data.val_seed, ">= 0")
+        check_value(self.train.knn_k >= 1, "train.knn_k", self.train.knn_k, ">= 1")
+        check_value(self.train.knn_temperature > 0, "train.knn_temperature", self.train.knn_temperature, "> 0")
+        check_value(self.eval.batch_size >= 1, "eval.batch_size", self.eval.batch_size, ">= 1")
+        check_value(self.eval.linear_epochs >= 1, "eval.linear_epochs", self.eval.linear_epochs, ">= 1")
+        check_value(self.data.monitor_bank_size >= 0, "data.monitor_bank_size", self.data.monitor_bank_size,
                ">= 0 (0 = the whole split)")
-        _check(self.data.image_size is None or self.data.image_size >= 1, "data.image_size", self.data.image_size,
+        check_value(self.data.image_size is None or self.data.image_size >= 1, "data.image_size", self.data.image_size,
                ">= 1 or null")
         if (self.eval.linear or self.eval.baselines) and not (self.data.monitor_bank_split and
                                                               self.data.monitor_query_split):
             which = "eval.linear" if self.eval.linear else "eval.baselines"
             raise ConfigError(f"{which}=true needs labelled splits, but data.monitor_bank_split/monitor_query_split "
                               f"is null; set them (e.g. train and test) or set {which}=false")
-        _check(self.model.stem_stride in (1, 2), "model.stem_stride", self.model.stem_stride, "1 or 2")
+        check_value(self.model.stem_stride in (1, 2), "model.stem_stride", self.model.stem_stride, "1 or 2")
         from contrastkit.plugins import check_plugins
 
         check_plugins(self)  # unknown plug-ins, bad options, incompatible hosts
@@ -314,7 +314,9 @@ def check_devices(cfg: Config) -> None:
                           "device(s); lower train.devices")
 
 
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+def check_value(ok: bool, key: str, value: Any, expected: str) -> None:
+    """Raise a one-line ConfigError naming ``key``, ``value`` and what was ``expected`` unless ``ok``; every config
+    section and plug-in option validates through it."""
     if not ok:
         raise ConfigError(f"invalid value {value!r} for {key}: expected {expected}")
 
@@ -323,7 +325,7 @@ def _check(ok: bool, key: str, value: Any, expected: str) -> None:
 # loading and overriding
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce_value(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value to the annotated type ``tp`` or raise a ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
     if tp is Any:
@@ -337,7 +339,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key)
+                return coerce_value(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"invalid value {value!r} for {key}: expected {tp}")
@@ -347,7 +349,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             value = list(value)
         if not isinstance(value, list):
             raise ConfigError(f"invalid value {value!r} for {key}: expected a list like [1, 2]")
-        return [_coerce(v, inner, key) for v in value]
+        return [coerce_value(v, inner, key) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"invalid value {value!r} for {key}: expected a mapping like {{a: 1}}")
@@ -424,7 +426,7 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
         raise ConfigError(
             f"unknown config key {key!r}; valid keys in {section}: {', '.join(sorted(hints))}"
         )
-    setattr(sec, name, _coerce(value, hints[name], key))
+    setattr(sec, name, coerce_value(value, hints[name], key))
 
 
 def parse_override(text: str) -> tuple[str, Any]:

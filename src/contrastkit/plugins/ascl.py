@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from contrastkit.config import MethodConfig, _check
+from contrastkit.config import MethodConfig, check_value
 from contrastkit.losses import ASCLLoss, ASCLNormalizedMSELoss, InBatchASCLLoss
 from contrastkit.losses.ascl import ASCL_TARGETS
 from contrastkit.plugins.base import Plugin
@@ -56,10 +56,10 @@ class ASCLOptions:
     targets: str = "ascl"  #: ascl, ahcl, hard, normal
 
     def validate(self, prefix: str) -> None:
-        _check(self.neighbours >= 1, f"{prefix}.neighbours", self.neighbours, "an integer >= 1")
-        _check(self.target_temperature > 0 and math.isfinite(self.target_temperature),
+        check_value(self.neighbours >= 1, f"{prefix}.neighbours", self.neighbours, "an integer >= 1")
+        check_value(self.target_temperature > 0 and math.isfinite(self.target_temperature),
                f"{prefix}.target_temperature", self.target_temperature, "a finite number > 0")
-        _check(self.targets in ASCL_TARGETS, f"{prefix}.targets", self.targets, "one of " + ", ".join(ASCL_TARGETS))
+        check_value(self.targets in ASCL_TARGETS, f"{prefix}.targets", self.targets, "one of " + ", ".join(ASCL_TARGETS))
 
 
 @register

@@ -93,7 +93,7 @@ class Plugin(nn.Module):
     @classmethod
     def parse_options(cls, raw: dict[str, Any] | None) -> Any:
         """The ``Options`` of ``plugins.<name>``: unknown keys, wrong types and bad values raise ConfigError."""
-        from contrastkit.config import _coerce
+        from contrastkit.config import coerce_value
 
         prefix = f"plugins.{cls.name}"
         raw = {} if raw is None else raw
@@ -105,7 +105,7 @@ class Plugin(nn.Module):
         if unknown:
             raise ConfigError(f"unknown option {prefix}.{unknown[0]}; valid options of {cls.name}: "
                               f"{', '.join(fields) or 'none'}")
-        options = cls.Options(**{k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in raw.items()})
+        options = cls.Options(**{k: coerce_value(v, hints[k], f"{prefix}.{k}") for k, v in raw.items()})
         options.validate(prefix)
         return options
 
