@@ -196,6 +196,37 @@ def test_summary_from_results(tmp_path):
     assert json.loads((study.out / "summary.json").read_text())["missing"] == ["dcl/seed-1"]
 
 
+def test_summary_with_a_baseline_per_arm(tmp_path):
+    # a grid: each DCL arm is paired with the InfoNCE arm of its own batch size, never with the other batch size's
+    arms = {f"{loss}_b{b}": [f"method.loss={loss}", f"optim.batch_size={b}"] for b in (32, 64)
+            for loss in ("infonce", "dcl")}
+    pairs = {"dcl_b32": "infonce_b32", "dcl_b64": "infonce_b64"}
+    study = load_study(_study(tmp_path, arms=arms, baseline=pairs))
+    assert study.baseline == pairs
+    study.out.mkdir(parents=True)
+    (study.out / "study.json").write_text(json.dumps(study.to_dict()))
+    value = {"infonce_b32": 70.0, "dcl_b32": 72.0, "infonce_b64": 75.0, "dcl_b64": 74.0}
+    for run in study.runs():
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "config.yaml").write_text("data: {monitor_query_split: val}\n")
+        (run.run_dir / "results.json").write_text(json.dumps({"knn_top1_val": value[run.arm] + run.seed}))
+    s = write_summary(study.out)
+    assert s["pairs"] == pairs and set(s["differences"]) == set(pairs)
+    assert s["differences"]["dcl_b32"]["knn_top1_val"]["mean"] == pytest.approx(2.0)
+    assert s["differences"]["dcl_b64"]["knn_top1_val"]["mean"] == pytest.approx(-1.0)
+    md = (study.out / "summary.md").read_text()
+    assert "## Paired differences against each arm's baseline" in md
+    assert "| dcl_b64 | infonce_b64 | kNN top-1 (val) | 2 | -1.00 ± 0.00 |" in md
+    assert "| infonce_b32 (baseline) |" in md and "| dcl_b32 |" in md
+
+
+def test_bad_baseline_mappings_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="baseline 'nope' is not an arm"):
+        load_study(_study(tmp_path, baseline={"dcl": "nope"}))
+    with pytest.raises(ConfigError, match="cannot be its own baseline"):
+        load_study(_study(tmp_path, baseline={"dcl": "dcl"}))
+
+
 @pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path, capsys):
     # 2 arms x 2 seeds, 2 steps each, on 256 synthetic images, in this process (--jobs 1).

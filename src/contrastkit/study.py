@@ -11,7 +11,8 @@ A study file (YAML)::
     overrides: [model.widths=[16,32,64]]  # optional, applied to every arm (a list of key=value or a mapping)
     budget: {epochs: 5}                   # exactly one of epochs, steps (optimizer steps), images (images seen)
     seeds: 3                              # a count (seeds 0..n-1) or a list; default 3
-    baseline: moco                        # optional: the arm every other arm is compared with
+    baseline: moco                        # optional: the arm every other arm is compared with, or a mapping
+                                          # {arm: its baseline arm} (grids: e.g. dcl_b32: infonce_b32)
     arms:                                 # name -> overrides (a list of key=value or a mapping; [] = the base)
       moco: []
       moco+dclw: [method.loss=dclw]
@@ -107,7 +108,7 @@ class Study:
     arms: dict[str, tuple[str, ...]]  #: arm -> its own overrides
     seeds: list[int]
     budget: dict[str, int]  #: one of ``{"epochs": E}``, ``{"steps": S}``, ``{"images": I}``
-    baseline: str | None = None
+    baseline: str | dict[str, str] | None = None  #: one arm for all others, or arm -> its baseline arm
     allow_unequal_budget: bool = False
     base_overrides: tuple[str, ...] = ()
     arm_budgets: dict[str, dict[str, int]] = field(default_factory=dict)  #: arm -> epochs, max_steps, images/step
@@ -267,9 +268,7 @@ def load_study(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
             if _key(o) in ("train.seed", "train.run_dir"):
                 raise ConfigError(f"arm {name!r} sets {_key(o)}: the study sets it per run (use seeds / out)")
 
-    baseline = spec.get("baseline")
-    if baseline is not None and str(baseline) not in arms:
-        raise ConfigError(f"baseline {baseline!r} is not an arm; arms: {', '.join(arms)}")
+    baseline = _baseline(spec.get("baseline"), arms)
     allow = spec.get("allow_unequal_budget", False)
     if not isinstance(allow, bool):
         raise ConfigError(f"allow_unequal_budget must be true or false, got {allow!r}")
@@ -277,7 +276,7 @@ def load_study(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
     out_dir = Path(out) if out is not None else Path(str(spec["out"])) if spec.get("out") else (
         Path("runs") / "studies" / p.stem)
     study = Study(name=p.stem, base=base, out=out_dir, arms=arms, seeds=seeds, budget=budget,
-                  baseline=None if baseline is None else str(baseline), allow_unequal_budget=allow,
+                  baseline=baseline, allow_unequal_budget=allow,
                   base_overrides=base_overrides)
 
     # Validate everything before anything runs: the base, every arm, every seed.
@@ -295,6 +294,29 @@ def load_study(path: str | os.PathLike[str], out: str | os.PathLike[str] | None 
     for run in study.runs():
         _load(study, run.overrides, f"arm {run.arm!r} seed {run.seed}")
     return study
+
+
+def _baseline(value: Any, arms: Mapping[str, Any]) -> str | dict[str, str] | None:
+    """The study's ``baseline``: None, one arm, or a mapping arm -> baseline arm (both arms of the study)."""
+    if value is None:
+        return None
+    pairs = value if isinstance(value, dict) else {None: value}
+    for arm, base in pairs.items():
+        for name in (arm, base):
+            if name is not None and str(name) not in arms:
+                raise ConfigError(f"baseline {name!r} is not an arm; arms: {', '.join(arms)}")
+        if arm is not None and str(arm) == str(base):
+            raise ConfigError(f"arm {arm!r} cannot be its own baseline")
+    return str(value) if not isinstance(value, dict) else {str(a): str(b) for a, b in value.items()}
+
+
+def baseline_pairs(arms: Sequence[str], baseline: str | Mapping[str, str] | None) -> dict[str, str]:
+    """Arm -> the arm it is compared with: every other arm against one ``baseline``, or the given mapping."""
+    if baseline is None:
+        return {}
+    if isinstance(baseline, str):
+        return {arm: baseline for arm in arms if arm != baseline}
+    return dict(baseline)
 
 
 def _load(study: Study, overrides: Sequence[str], what: str) -> Config:
@@ -569,11 +591,10 @@ def write_summary(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
         arms[arm] = {"overrides": spec["arms"][arm], "budget": spec.get("arm_budgets", {}).get(arm),
                      "runs": {str(s): v for s, v in per_seed.items()}, "stats": stats}
     differences: dict[str, Any] = {}
-    if baseline in arms:
-        base_runs = arms[baseline]["runs"]
-        for arm, info in arms.items():
-            if arm == baseline:
-                continue
+    pairs = baseline_pairs(list(arms), baseline)
+    for arm, base in pairs.items():
+        if arm in arms and base in arms:
+            info, base_runs = arms[arm], arms[base]["runs"]
             differences[arm] = {}
             for key in _COMPARED:
                 a = {int(s): v[key] for s, v in info["runs"].items() if key in v}
@@ -583,7 +604,8 @@ def write_summary(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
                     differences[arm][key] = diff
     summary = {"study": spec.get("name"), "budget": spec.get("budget"), "seeds": seeds, "baseline": baseline,
                "allow_unequal_budget": spec.get("allow_unequal_budget", False), "arms": arms,
-               "differences": differences, "missing": missing}
+               "pairs": {a: b for a, b in pairs.items() if a in differences}, "differences": differences,
+               "missing": missing}
     plots = _plot_study(root, runs_by_arm)
     summary["plots"] = [p.name for p in plots]
     write_json_atomic(root / "summary.json", summary)
@@ -609,7 +631,8 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
     header = ["arm", "runs", *SUMMARY_METRICS.values()]
     lines += ["| " + " | ".join(header) + " |", "|---|--:|" + "--:|" * len(SUMMARY_METRICS)]
     for arm, info in summary["arms"].items():
-        cells = [arm + (" (baseline)" if arm == summary.get("baseline") else ""), str(len(info["runs"]))]
+        is_base = arm in summary.get("pairs", {}).values()
+        cells = [arm + (" (baseline)" if is_base else ""), str(len(info["runs"]))]
         for key in SUMMARY_METRICS:
             cells.append(_pm(info["stats"].get(key), ".0f" if key in ("images_per_sec",) else
                              ".1f" if key.endswith("seconds") else ".2f"))
@@ -619,16 +642,20 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
               "hyper-parameters and the test top-1 of the final probe (`eval.linear=true`). Images/s and training "
               "time: training only; wall-clock: the whole fit.", ""]
     if summary.get("differences"):
-        lines += [f"## Paired differences against `{summary['baseline']}`", "",
+        title = (f"against `{summary['baseline']}`" if isinstance(summary.get("baseline"), str)
+                 else "against each arm's baseline")
+        lines += [f"## Paired differences {title}", "",
                   "Per seed, arm minus baseline (same seed); mean ± std of the differences and the 95 % confidence "
                   "interval of the mean (Student t, n - 1 degrees of freedom). An interval that contains 0 does not "
                   "show a difference.", "",
-                  "| arm | metric | n | mean difference | 95 % CI |", "|---|---|--:|--:|--:|"]
+                  "| arm | baseline | metric | n | mean difference | 95 % CI |", "|---|---|---|--:|--:|--:|"]
+        pairs = summary.get("pairs", {})
         for arm, diffs in summary["differences"].items():
             for key, d in diffs.items():
                 ci = "-" if d["ci_low"] is None else f"[{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
                 std = "" if d["std"] is None else f" ± {d['std']:.2f}"
-                lines.append(f"| {arm} | {SUMMARY_METRICS[key]} | {d['n']} | {d['mean']:+.2f}{std} | {ci} |")
+                lines.append(f"| {arm} | {pairs.get(arm, summary.get('baseline'))} | {SUMMARY_METRICS[key]} | "
+                             f"{d['n']} | {d['mean']:+.2f}{std} | {ci} |")
         lines.append("")
     if summary.get("missing"):
         lines += ["**Missing runs** (no `results.json`: not run yet, running, or failed): "
