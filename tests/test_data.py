@@ -148,9 +148,9 @@ def test_generic_errors_are_one_line_data_errors(tmp_path):
         dataset_splits("nope")
     with raises_data_error("unknown split 'dev'", "train, test, val, train-minus-val"):
         load_dataset("synthetic", split="dev")
-    with raises_data_error("unknown option 'shuffle'", "n, channels, num_classes, seed"):
+    with raises_data_error("unknown option data.options.shuffle", "n, channels, num_classes, seed"):
         load_dataset("synthetic", shuffle=True)
-    with raises_data_error("unknown option 'channels'", "valid options: none"):
+    with raises_data_error("unknown option data.options.channels", "valid options: none"):
         load_dataset("cifar10", root=tmp_path, channels=1)
     missing = tmp_path / "nowhere"
     for name in ("fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder"):

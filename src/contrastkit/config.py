@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from contrastkit.errors import ConfigError
+from contrastkit.validation import check_value
 
 
 @dataclass
@@ -312,13 +313,6 @@ def check_devices(cfg: Config) -> None:
     if on_cuda and isinstance(t.devices, int) and t.devices > torch.cuda.device_count():
         raise ConfigError(f"train.devices={t.devices} but this machine has {torch.cuda.device_count()} CUDA "
                           "device(s); lower train.devices")
-
-
-def check_value(ok: bool, key: str, value: Any, expected: str) -> None:
-    """Raise a one-line ConfigError naming ``key``, ``value`` and what was ``expected`` unless ``ok``; every config
-    section and plug-in option validates through it."""
-    if not ok:
-        raise ConfigError(f"invalid value {value!r} for {key}: expected {expected}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING
 
-from contrastkit.errors import ConfigError, DataError
+from contrastkit.errors import ConfigError, ContrastkitError, DataError
+
+if TYPE_CHECKING:  # torch is imported where a tensor is checked: reading a configuration must not load it
+    import torch
+    from torch import Tensor
 
 
 def is_real(value: object) -> bool:
@@ -25,6 +28,8 @@ def is_real(value: object) -> bool:
 
 def resolve_device(device: torch.device | str | None, default: torch.device) -> torch.device:
     """``device`` as a :class:`torch.device`, or ``default`` when it is ``None``."""
+    import torch
+
     if device is None:
         return default
     try:
@@ -51,10 +56,44 @@ def positive_float(value: object, name: str, hint: str = "") -> float:
 
 
 def number_in(value: object, name: str, low: float, high: float) -> float:
-    """``value`` as a ``float`` in the closed interval ``[low, high]`` (``bool`` and NaN are rejected)."""
-    if not is_real(value) or not low <= value <= high:
+    """``value`` as a finite ``float`` in the closed interval ``[low, high]`` (``bool``, NaN and inf are rejected;
+    ``high = math.inf`` means no upper bound)."""
+    if not is_real(value) or not math.isfinite(value) or not low <= value <= high:
         raise ConfigError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
     return float(value)
+
+
+def number_pair(value: object, name: str, low: float, high: float, *, open_low: bool = False
+                ) -> tuple[float, float]:
+    """``value`` as a finite ``(min, max)`` pair with ``low <= min <= max <= high`` (``low < min`` with
+    ``open_low``)."""
+    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(is_real(v) and math.isfinite(v) for v in value)
+    if ok:
+        lo, hi = float(value[0]), float(value[1])  # type: ignore[index]
+        ok = (low < lo if open_low else low <= lo) and lo <= hi <= high
+    if not ok:
+        rule = f"{low:g} {'<' if open_low else '<='} min <= max" + ("" if math.isinf(high) else f" <= {high:g}")
+        raise ConfigError(f"{name} must be a (min, max) pair with {rule}, got {value!r}")
+    return lo, hi
+
+
+def check_value(ok: bool, key: str, value: object, expected: str) -> None:
+    """Raise a one-line ConfigError naming ``key``, ``value`` and what was ``expected`` unless ``ok``; every
+    configuration section and plug-in option validates through it."""
+    if not ok:
+        raise ConfigError(f"invalid value {value!r} for {key}: expected {expected}")
+
+
+def known_options(given: Iterable[str], valid: Iterable[str], prefix: str, owner: str = "",
+                  error: type[ContrastkitError] = ConfigError) -> None:
+    """Refuse option names not in ``valid`` (a typo would otherwise be ignored): one line naming the first unknown
+    option as ``prefix.<name>`` (of ``owner``) and the valid ones; ``error`` is DataError for dataset options.
+    Every option mapping (method, loss, dataset and plug-in options) is checked here."""
+    valid = list(valid)
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        of = f" of {owner}" if owner else ""
+        raise error(f"unknown option {prefix}.{unknown[0]}{of}; valid options: {', '.join(valid) or 'none'}")
 
 
 def check_flag(value: object, name: str) -> bool:
@@ -90,6 +129,9 @@ def num_classes_arg(num_classes: object) -> int:
 
 def features_arg(x: object, name: str, dim: int | None = None) -> Tensor:
     """Check an N x D floating-point feature tensor with N, D >= 1, finite values and (optionally) D == ``dim``."""
+    import torch
+    from torch import Tensor
+
     if not isinstance(x, Tensor):
         raise DataError(f"{name} must be a torch.Tensor of shape N x D, got {type(x).__name__}")
     if x.dim() != 2:
@@ -112,6 +154,9 @@ def features_arg(x: object, name: str, dim: int | None = None) -> Tensor:
 
 def labels_arg(y: object, name: str, n: int, num_classes: int, features_name: str) -> Tensor:
     """Check a 1-D integer label tensor of length ``n`` with values in [0, num_classes)."""
+    import torch
+    from torch import Tensor
+
     if y is None:
         raise DataError(f"{name} is missing; pass one integer class label per feature vector")
     if not isinstance(y, Tensor):

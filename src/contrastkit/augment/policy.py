@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, replace
 
 from contrastkit.errors import ConfigError
+from contrastkit.validation import number_in, number_pair
 
 __all__ = ["PRESET_NAMES", "ViewPolicy", "default_blur_kernel_size", "policy_preset"]
 
@@ -29,25 +30,6 @@ def default_blur_kernel_size(crop_size: int) -> int:
     (3 for CIFAR's 32 px and MNIST's 28 px).
     """
     return max(3, 2 * (crop_size // 20) + 1)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _check_pair(name: str, value: object, low: float, high: float, *, open_low: bool, rule: str) -> None:
-    """Check ``value`` is a (min, max) pair with ``low < / <= min <= max <= high``; NaN fails every comparison."""
-    ok = isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_number(v) for v in value)
-    if ok:
-        lo, hi = float(value[0]), float(value[1])
-        ok = (low < lo if open_low else low <= lo) and lo <= hi <= high and math.isfinite(hi)
-    if not ok:
-        raise ConfigError(f"ViewPolicy.{name} must be a (min, max) pair with {rule}, got {value!r}")
-
-
-def _check_range(name: str, value: object, low: float, high: float, rule: str) -> None:
-    if not (_is_number(value) and low <= float(value) <= high and math.isfinite(float(value))):
-        raise ConfigError(f"ViewPolicy.{name} must be a number in {rule}, got {value!r}")
 
 
 @dataclass
@@ -102,14 +84,14 @@ class ViewPolicy:
         """Raise :class:`~contrastkit.errors.ConfigError` naming the first invalid field and its valid range."""
         if not (isinstance(self.crop_size, int) and not isinstance(self.crop_size, bool) and self.crop_size >= 1):
             raise ConfigError(f"ViewPolicy.crop_size must be an integer >= 1, got {self.crop_size!r}")
-        _check_pair("crop_scale", self.crop_scale, 0.0, 1.0, open_low=True, rule="0 < min <= max <= 1")
-        _check_pair("crop_ratio", self.crop_ratio, 0.0, math.inf, open_low=True, rule="0 < min <= max")
+        number_pair(self.crop_scale, "ViewPolicy.crop_scale", 0.0, 1.0, open_low=True)
+        number_pair(self.crop_ratio, "ViewPolicy.crop_ratio", 0.0, math.inf, open_low=True)
         for name in ("hflip_prob", "jitter_prob", "grayscale_prob", "blur_prob", "solarize_prob"):
-            _check_range(name, getattr(self, name), 0.0, 1.0, "[0, 1]")
+            number_in(getattr(self, name), f"ViewPolicy.{name}", 0.0, 1.0)
         for name in ("brightness", "contrast", "saturation"):
-            _check_range(name, getattr(self, name), 0.0, math.inf, "[0, inf)")
-        _check_range("hue", self.hue, 0.0, 0.5, "[0, 0.5]")
-        _check_pair("blur_sigma", self.blur_sigma, 0.0, math.inf, open_low=True, rule="0 < min <= max")
+            number_in(getattr(self, name), f"ViewPolicy.{name}", 0.0, math.inf)
+        number_in(self.hue, "ViewPolicy.hue", 0.0, 0.5)
+        number_pair(self.blur_sigma, "ViewPolicy.blur_sigma", 0.0, math.inf, open_low=True)
         k = self.blur_kernel_size
         if k is not None and not (
             isinstance(k, int) and not isinstance(k, bool) and k % 2 == 1 and 1 <= k <= 2 * self.crop_size - 1
@@ -124,7 +106,7 @@ class ViewPolicy:
                 f"blur_prob > 0; the default for crop_size {self.crop_size} is {self.effective_blur_kernel_size()}, "
                 "so set blur_kernel_size=1 or blur_prob=0"
             )
-        _check_range("solarize_threshold", self.solarize_threshold, 0.0, 1.0, "[0, 1]")
+        number_in(self.solarize_threshold, "ViewPolicy.solarize_threshold", 0.0, 1.0)
 
     def effective_blur_kernel_size(self) -> int:
         """The blur kernel size in effect (``blur_kernel_size`` or the SimCLR default for ``crop_size``)."""

@@ -18,6 +18,7 @@ from contrastkit.data.splits import TRAIN_MINUS_VAL, VAL, default_val_size, vali
 from contrastkit.data.stl10 import load_stl10
 from contrastkit.data.synthetic import load_synthetic
 from contrastkit.errors import DataError
+from contrastkit.validation import known_options
 
 __all__ = ["available_datasets", "dataset_options", "dataset_splits", "load_dataset"]
 
@@ -150,10 +151,7 @@ def load_dataset(
     split_key = _SPLIT_ALIASES.get(str(split).strip().lower(), str(split).strip().lower())
     if split_key not in dataset.splits:
         raise DataError(f"unknown split '{split}' for dataset {key}; choose one of: {', '.join(dataset.splits)}")
-    unknown = sorted(set(options) - set(dataset.options))
-    if unknown:
-        valid = ", ".join(dataset.options) if dataset.options else "none"
-        raise DataError(f"unknown option '{unknown[0]}' for dataset {key}; valid options: {valid}")
+    known_options(options, dataset.options, "data.options", f"dataset {key}", DataError)
     size = check_image_size(image_size)
     path: Path | None = None
     if root is not None and dataset.uses_root:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from contrastkit import distributed
 from contrastkit.errors import ConfigError
 from contrastkit.losses.common import at_least_float32, autocast_disabled, check_pair
-from contrastkit.validation import check_flag, positive_float
+from contrastkit.validation import check_flag, known_options, positive_float
 
 __all__ = [
     "DCLLoss",
@@ -337,9 +337,5 @@ def build_loss(name: str, **kwargs: Any) -> nn.Module:
         raise ConfigError(f"unknown loss {name!r}; valid names: {', '.join(sorted(LOSSES))}")
     cls = LOSSES[key]
     valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = sorted(set(kwargs) - set(valid))
-    if unknown:
-        raise ConfigError(
-            f"loss {key!r} does not take option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}"
-        )
+    known_options(kwargs, valid, "loss", key)
     return cls(**kwargs)

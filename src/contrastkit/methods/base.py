@@ -38,6 +38,7 @@ from contrastkit.config import MethodConfig
 from contrastkit.errors import ConfigError
 from contrastkit.models import MemoryQueue, MomentumTeacher, cosine_momentum, mlp
 from contrastkit.plugins.base import PluginSet
+from contrastkit.validation import known_options
 
 
 @dataclass
@@ -169,7 +170,4 @@ def check_two_views(views: list[torch.Tensor], method: str) -> tuple[torch.Tenso
 
 def check_no_options(cfg: MethodConfig, method: str, known: tuple[str, ...] = ()) -> None:
     """Refuse ``method.options`` keys the method does not read (typos would otherwise be ignored)."""
-    unknown = sorted(set(cfg.options) - set(known))
-    if unknown:
-        valid = ", ".join(known) if known else "none"
-        raise ConfigError(f"method.options {', '.join(unknown)} unknown to {method}; valid options: {valid}")
+    known_options(cfg.options, known, "method.options", method)

@@ -40,7 +40,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from contrastkit.config import MethodConfig, check_value
+from contrastkit.config import MethodConfig
+from contrastkit.validation import check_value
 from contrastkit.losses import ASCLLoss, ASCLNormalizedMSELoss, InBatchASCLLoss
 from contrastkit.losses.ascl import ASCL_TARGETS
 from contrastkit.plugins.base import Plugin

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
+from contrastkit.validation import known_options
 
 if TYPE_CHECKING:  # imported for annotations only: contrastkit.methods imports this module
     from contrastkit.config import MethodConfig
@@ -100,11 +101,7 @@ class Plugin(nn.Module):
         if not isinstance(raw, dict):
             raise ConfigError(f"invalid value {raw!r} for {prefix}: expected a mapping of options like {{}}")
         hints = typing.get_type_hints(cls.Options)
-        fields = [f.name for f in dataclasses.fields(cls.Options)]
-        unknown = sorted(set(raw) - set(fields))
-        if unknown:
-            raise ConfigError(f"unknown option {prefix}.{unknown[0]}; valid options of {cls.name}: "
-                              f"{', '.join(fields) or 'none'}")
+        known_options(raw, [f.name for f in dataclasses.fields(cls.Options)], prefix)
         options = cls.Options(**{k: coerce_value(v, hints[k], f"{prefix}.{k}") for k, v in raw.items()})
         options.validate(prefix)
         return options
