@@ -10,7 +10,8 @@ from the same seeded generator), which checks both the DDP shuffle and the emula
 
 The first test wraps the method in a hand-built DDP (``broadcast_buffers=False``) to check the methods' own
 communication step by step; the second trains MoCo and NNCLR through Lightning's DDP strategy exactly as
-``contrastkit train`` does, which is where the queues must survive DDP's buffer broadcast.
+``contrastkit train`` does, which is where the queues must survive DDP's buffer broadcast; MoCo + ASCL is checked
+there too (its soft targets read the same queue).
 
 One spawn per test runs every case; the workers write their results to ``tmp_path`` and the parent process asserts.
 """
@@ -179,7 +180,7 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # The same through Lightning's DDP strategy, as training runs it (contrastkit.training.run.build_trainer)
 # ----------------------------------------------------------------------------------------------------------------------
-# MoCo and NNCLR trained by SSLModule under build_trainer's trainer with train.strategy=ddp on 2 gloo processes
+# MoCo, NNCLR and MoCo + ASCL trained by SSLModule under build_trainer's trainer with train.strategy=ddp on 2 gloo processes
 # (launched like torchrun, see distributed_utils), with views that are a fixed function of each image and BN-free
 # networks in float64 (Lightning's 64-true precision plugin). Global queue: the 2 processes equal one process on the whole batch
 # (losses, parameters, teacher, queue). gather_distributed=false: each rank's queue holds exactly its own keys (before
@@ -190,6 +191,10 @@ L_CASES = {
     "moco": NO_BN + ["method.name=moco", "method.loss=infonce", "method.shuffle_bn=shuffle", "method.queue_size=12",
                      "method.momentum_base=0.9", "method.momentum_final=0.9"],
     "nnclr": NO_BN + ["method.name=nnclr", "method.loss=infonce", "method.queue_size=10"],
+    # the ASCL plug-in's soft targets come from the same queue: global or per rank, as the host's
+    "moco-ascl": NO_BN + ["method.name=moco", "method.loss=infonce", "method.shuffle_bn=shuffle",
+                          "method.queue_size=12", "method.momentum_base=0.9", "method.momentum_final=0.9",
+                          "plugins.ascl={neighbours: 2, target_temperature: 0.5}"],
 }
 
 
@@ -262,7 +267,7 @@ def test_lightning_ddp_queues_two_processes(tmp_path: Path) -> None:
                 assert r[part].keys() == ref[part].keys()
                 for k, v in ref[part].items():
                     _close(r[part][k], v, f"{case}: {part} {k}")
-        keys_per_step = N * (2 if case == "moco" else 1)  # MoCo (symmetric) enqueues both views' keys
+        keys_per_step = N * (2 if case.startswith("moco") else 1)  # MoCo (symmetric) enqueues both views' keys
         assert int(ref["queue"]["filled"]) == min(int(ref["queue"]["keys"].shape[0]), L_STEPS * keys_per_step)
         assert torch.equal(ranks[0]["queue"]["keys"], ranks[1]["queue"]["keys"])
 

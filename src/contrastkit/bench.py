@@ -26,7 +26,7 @@ import torch
 
 from contrastkit.config import Config, load_config
 from contrastkit.training.module import SSLModule, index_loader, steps_per_epoch
-from contrastkit.training.run import _peak_memory_mb, build_trainer, load_split
+from contrastkit.training.run import peak_memory_mb, build_trainer, load_split
 
 
 #: Datasets of ``--dataset``: Fashion-MNIST (1x28x28) and synthetic 3x32x32 images.
@@ -148,7 +148,7 @@ def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, ste
         "device": str(dev), "precision": precision, "steps": steps, "warmup": warmup,
         "views_images_per_sec": round(views_ips, 1), "model_images_per_sec": round(model_ips, 1),
         "end_to_end_images_per_sec": round(e2e_ips, 1), "ratio_end_to_end_over_model": round(e2e_ips / model_ips, 3),
-        "peak_memory_mb": round(_peak_memory_mb(), 1), "torch_threads": torch.get_num_threads(),
+        "peak_memory_mb": round(peak_memory_mb(), 1), "torch_threads": torch.get_num_threads(),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
         "torch": torch.__version__,
     }

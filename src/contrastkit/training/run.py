@@ -390,7 +390,7 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
         "world_size": world, "steps": trainer.global_step, "steps_per_epoch": spe,
         "epochs_completed": trainer.global_step // spe,  # stops early under train.max_steps
         "fit_wall_seconds": wall,
-        "peak_memory_mb": _peak_memory_mb(),
+        "peak_memory_mb": peak_memory_mb(),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
     }
     if history.entries:
@@ -443,7 +443,9 @@ def load_labelled_split(cfg: Config, split: str) -> ImageTensors:
     return ds
 
 
-def _peak_memory_mb() -> float:
+def peak_memory_mb() -> float:
+    """Peak memory of this process in MiB: CUDA's allocator peak on a GPU machine, else the peak resident set size
+    (what results.json and ``contrastkit bench`` report)."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     try:
