@@ -277,6 +277,31 @@ def test_linear_probe_runs_without_the_knn_monitor(tmp_path, tiny_overrides):
 
 
 @pytest.mark.slow
+def test_summary_prints_knn_and_linear_for_the_backbone_and_the_baselines(tmp_path, tiny_overrides):
+    # what `make demo` prints: test kNN and linear probe of the trained backbone, the random-init backbone and raw
+    # pixels, each number the one results.json holds
+    import json
+
+    proc = _run(["train", *tiny_overrides, "train.epochs=1", "eval.baselines=true", "eval.linear=true",
+                 "eval.linear_epochs=2"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    lines = proc.stdout.splitlines()
+    assert any(ln.split() == ["kNN", "top-1", "linear"] for ln in lines), proc.stdout
+
+    def row(name: str) -> list[str]:
+        return next(ln[len(name):].split() for ln in lines if ln.startswith(name))
+
+    assert row("simclr+")[-2:] == [f"{res['knn_top1_test']:.2f}", f"{res['linear_top1_test']:.2f}"]
+    assert row("random-init small_resnet") == [f"{res['random_init_knn']['top1']:.2f}",
+                                               f"{res['random_init_linear']['top1']:.2f}"]
+    assert row("raw pixels (normalised)") == [f"{res['raw_pixels_knn']['top1']:.2f}",
+                                              f"{res['raw_pixels_linear']['top1']:.2f}"]
+    assert row("raw pixels (in [0, 1])") == [f"{res['raw_pixels_unnormalised_knn']['top1']:.2f}",
+                                             f"{res['raw_pixels_linear']['top1']:.2f}"]
+
+
+@pytest.mark.slow
 def test_bench_honours_dataset_for_every_backbone(tmp_path, monkeypatch, capsys):
     import json
 

@@ -77,11 +77,26 @@ def test_final_linear_probe_trains_on_the_whole_bank_split(tiny_overrides, monke
     res = train(cfg)
     bank, val = load_monitor_sets(cfg)
     n = len(bank)  # train-minus-val: the probe chooses on the val rows and trains its final head on both
-    assert n > 100 and sizes == [(n + len(val), n + len(val))]
+    # three probes, each on the whole split: the trained backbone, then the baselines (random init, raw pixels)
+    assert n > 100 and sizes == [(n + len(val), n + len(val))] * 3
     saved = json.loads((res.run_dir / "results.json").read_text())
     assert saved["linear"]["train_size"] == n and saved["linear"]["train_split"] == "train-minus-val"
     assert saved["knn_bank_size"] == 100
     assert saved["linear_top1"] == res.metrics["linear_top1"]
+    for key in ("random_init_linear", "raw_pixels_linear"):
+        assert 0 <= saved[key]["top1"] <= 100 and 0 <= saved[key]["val_top1"] <= 100, key
+    # the baselines' probe is the same protocol as the trained backbone's: on the raw pixels, it equals a probe run
+    # here by hand on the flattened images (chosen on val, trained on bank + val, tested on test)
+    from contrastkit.evaluation import extract_features, linear_probe
+
+    test = load_labelled_split(cfg, "test")
+    module = load_module(res.last_checkpoint)
+    mean, std = module.hparams["mean"], module.hparams["std"]
+    flat = [extract_features(torch.nn.Flatten(), d.images, mean, std, 256, "cpu") for d in (bank, val, test)]
+    classes = int(max(bank.labels.max(), val.labels.max(), test.labels.max())) + 1
+    ref = real(torch.cat(flat[:2]), torch.cat([bank.labels, val.labels]), flat[2], test.labels, classes,
+               epochs=2, seed=cfg.train.seed, val_rows=torch.arange(n, n + len(val)))
+    assert saved["raw_pixels_linear"]["top1"] == pytest.approx(ref.top1)
 
 
 class _StopAfterFirstEpoch(L.Callback):

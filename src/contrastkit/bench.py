@@ -26,7 +26,7 @@ import torch
 
 from contrastkit.config import Config, load_config
 from contrastkit.training.module import SSLModule, index_loader, steps_per_epoch
-from contrastkit.training.run import peak_memory_mb, build_trainer, load_split
+from contrastkit.training.run import build_trainer, load_split, peak_memory_mb
 
 
 #: Datasets of ``--dataset``: Fashion-MNIST (1x28x28) and synthetic 3x32x32 images.

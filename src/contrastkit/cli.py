@@ -29,12 +29,17 @@ from typing import Any
 from contrastkit.errors import ContrastkitError
 
 
-def _print_table(rows: list[tuple[str, str]], title: str) -> None:
-    width = max(len(r[0]) for r in rows)
+def _print_table(rows: list[tuple[str, ...]], title: str, header: tuple[str, ...] = ()) -> None:
+    """Rows of a name and right-aligned values under ``title`` (and a ``header`` row when given)."""
+    lines = [header, *rows] if header else rows
+    width = max(len(r[0]) for r in lines)
+    cols = max(len(r) for r in lines) - 1
     print(f"\n{title}")
-    print("-" * (width + 12))
-    for name, value in rows:
-        print(f"{name:<{width}}  {value:>8}")
+    if header:
+        print(f"{header[0]:<{width}}" + "".join(f"  {h:>9}" for h in header[1:]))
+    print("-" * (width + 11 * cols))
+    for name, *values in rows:
+        print(f"{name:<{width}}" + "".join(f"  {v:>9}" for v in values))
 
 
 def _what_ran(cfg: Any, metrics: dict[str, Any]) -> str:
@@ -82,19 +87,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     split = cfg.data.test_split if final else cfg.data.monitor_query_split  # the test split once, at the end
     top1 = m.get("knn_top1_test") if final else m.get("knn_top1")
     run = f"{cfg.method.name}+{loss_name(cfg.method)} ({cfg.model.backbone}, {ran})"
-    rows = []
-    if top1 is not None:
-        rows.append((run, f"{top1:.2f}"))
-    if "random_init_knn" in m and m.get("final_split") == split:
-        rows.append((f"random-init {cfg.model.backbone}", f"{m['random_init_knn']['top1']:.2f}"))
-        rows.append(("raw pixels (normalised)", f"{m['raw_pixels_knn']['top1']:.2f}"))
-        rows.append(("raw pixels (in [0, 1])", f"{m['raw_pixels_unnormalised_knn']['top1']:.2f}"))
     linear = m.get("linear_top1_test" if final else "linear_top1_val")
-    if linear is not None:
-        rows.append((f"linear probe ({run if not rows else 'trained backbone'})", f"{linear:.2f}"))
-    title = (f"kNN top-1 on {cfg.data.name} {split} (k={m.get('knn_k', cfg.train.knn_k)}, "
-             f"T={cfg.train.knn_temperature}, cosine; bank {cfg.data.monitor_bank_split})")
-    _print_table(rows, title if top1 is not None else f"top-1 on {cfg.data.name} {split}")
+
+    def cell(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    def probe(key: str) -> str:  # a baseline's linear probe: test top-1 (final) or its validation top-1
+        res = m.get(key)
+        return cell(None if res is None else res["top1"] if final else res["val_top1"])
+
+    rows: list[tuple[str, ...]] = [(run, cell(top1), cell(linear))]
+    if "random_init_knn" in m and m.get("final_split") == split:
+        rows.append((f"random-init {cfg.model.backbone}", cell(m["random_init_knn"]["top1"]),
+                     probe("random_init_linear")))
+        rows.append(("raw pixels (normalised)", cell(m["raw_pixels_knn"]["top1"]), probe("raw_pixels_linear")))
+        rows.append(("raw pixels (in [0, 1])", cell(m["raw_pixels_unnormalised_knn"]["top1"]),
+                     probe("raw_pixels_linear")))
+    header = ("", "kNN top-1", "linear") if linear is not None else ()
+    if linear is None:
+        rows = [r[:2] for r in rows]
+    title = (f"top-1 on {cfg.data.name} {split} (kNN: k={m.get('knn_k', cfg.train.knn_k)}, "
+             f"T={cfg.train.knn_temperature}, cosine, bank {cfg.data.monitor_bank_split}"
+             + ("; linear probe chosen on " + str(cfg.data.monitor_query_split) if linear is not None else "") + ")")
+    if top1 is None:
+        rows = [(r[0], r[2]) for r in rows]  # linear only
+        title, header = f"linear probe top-1 on {cfg.data.name} {split}", ()
+    _print_table(rows, title, header)
     if "knn_top1_val" in m and split != cfg.data.monitor_query_split:
         print(f"(validation split {cfg.data.monitor_query_split}: kNN top-1 {m['knn_top1_val']:.2f}"
               + (f", linear {m['linear_top1_val']:.2f}" if m.get("linear_top1_val") is not None else "") + ")")

@@ -161,7 +161,7 @@ class EvalConfig:
     """Final evaluation run after training."""
 
     knn: bool = True  #: final kNN (train.knn_k, train.knn_temperature): monitor on val, once on data.test_split
-    baselines: bool = False  #: also report kNN of the random-init backbone and of raw pixels (normalised, and in [0, 1])
+    baselines: bool = False  #: also report kNN (and the linear probe with eval.linear) of the random-init backbone and of raw pixels
     linear: bool = False  #: final linear probe on frozen features, chosen on val, tested on data.test_split (slower)
     linear_epochs: int = 100  #: linear probe epochs
     batch_size: int = 512  #: feature extraction batch size

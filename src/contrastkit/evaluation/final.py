@@ -2,11 +2,13 @@
 
 :func:`final_evaluation` runs what ``eval.knn``, ``eval.baselines`` and ``eval.linear`` ask for, once, on the test
 split (or the monitor's query split): kNN and the kNN baselines (random-init backbone, raw pixels) against the kNN
-monitor's bank (:func:`monitor_bank`), the linear probe on the whole labelled bank split; :func:`eval_size` is the input size of every evaluation of a run.
+monitor's bank (:func:`monitor_bank`), the linear probe on the whole labelled bank split (of the trained backbone,
+and of the baselines when both are asked for); :func:`eval_size` is the input size of every evaluation of a run.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,6 +17,7 @@ from contrastkit.config import Config
 from contrastkit.data import ImageTensors
 
 if TYPE_CHECKING:
+    from contrastkit.evaluation.linear import LinearProbeResult
     from contrastkit.training.module import SSLModule
 
 
@@ -56,7 +59,9 @@ def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: lis
     * Baselines (``eval.baselines``), on the reported split: the same kNN on the random-init backbone, on raw pixels
       normalised per channel like the network's input (``raw_pixels_knn``), and on raw pixels in [0, 1]
       (``raw_pixels_unnormalised_knn``; cosine similarity of non-negative vectors, the weaker of the two, and the
-      usual "raw pixels" row elsewhere).
+      usual "raw pixels" row elsewhere). With ``eval.linear`` too, the same linear probe on the random-init
+      backbone's features (``random_init_linear``) and on raw pixels (``raw_pixels_linear``; the probe standardises
+      its features, so one probe covers both pixel scalings): ``{"top1": test, "val_top1": val, ...}``.
     * ``linear`` (``eval.linear``): with ``test``, :func:`linear_probe` on bank + validation rows with the
       hyper-parameters chosen on the validation rows (``val_rows``), the final head trained on both and tested on
       ``test``: ``linear_top1_val``, ``linear_top1_test`` (and ``linear_top1``, the test number). Without
@@ -96,36 +101,48 @@ def final_evaluation(cfg: Config, module: SSLModule, mean: list[float], std: lis
                            temperature=t)
         out["knn_test"] = res
         out["knn_top1_test"], out["knn_top5_test"] = res["top1"], res["top5"]
+    baseline_models: dict[str, tuple[torch.nn.Module, list[float], list[float], int | None]] = {}
     if cfg.eval.baselines:
         torch.manual_seed(cfg.train.seed)
         name = cfg.model.backbone
         rand, _ = build_backbone(name, **backbone_args(name, cfg.model, knn_bank.channels))
-        rand = rand.to(device)
-        fb = extract_features(rand, knn_bank.images, mean, std, cfg.eval.batch_size, device, size)
-        fq = extract_features(rand, report.images, mean, std, cfg.eval.batch_size, device, size)
-        out["random_init_knn"] = knn_evaluate(fb, yk, fq, yq, num_classes, k=k, temperature=t)
         pix = torch.nn.Flatten()
-        fb = extract_features(pix, knn_bank.images, mean, std, cfg.eval.batch_size, device)
-        fq = extract_features(pix, report.images, mean, std, cfg.eval.batch_size, device)
-        out["raw_pixels_knn"] = knn_evaluate(fb, yk, fq, yq, num_classes, k=k, temperature=t)
         zero, one = [0.0] * knn_bank.channels, [1.0] * knn_bank.channels  # pixels in [0, 1], not centred
-        fb = extract_features(pix, knn_bank.images, zero, one, cfg.eval.batch_size, device)
-        fq = extract_features(pix, report.images, zero, one, cfg.eval.batch_size, device)
-        out["raw_pixels_unnormalised_knn"] = knn_evaluate(fb, yk, fq, yq, num_classes, k=k, temperature=t)
-    if cfg.eval.linear:
-        fb, fv = trained_features("bank"), trained_features("val")
-        if test is not None:  # choose on the validation rows, train the final head on bank + val, test once
+        baseline_models = {"random_init": (rand.to(device), mean, std, size), "raw_pixels": (pix, mean, std, None),
+                           "raw_pixels_unnormalised": (pix, zero, one, None)}
+        for key, (model, m, s, side) in baseline_models.items():
+            fb = extract_features(model, knn_bank.images, m, s, cfg.eval.batch_size, device, side)
+            fq = extract_features(model, report.images, m, s, cfg.eval.batch_size, device, side)
+            out[f"{key}_knn"] = knn_evaluate(fb, yk, fq, yq, num_classes, k=k, temperature=t)
+
+    def probe(features: Callable[[str], torch.Tensor]) -> LinearProbeResult:
+        """The linear probe on ``features(split)``: chosen on val, trained on bank + val, tested once on test."""
+        fb, fv = features("bank"), features("val")
+        if test is not None:
             rows = torch.arange(len(bank), len(bank) + len(val))
-            res = linear_probe(torch.cat([fb, fv]), torch.cat([yb, yv]), trained_features("test"), yq, num_classes,
-                               epochs=cfg.eval.linear_epochs, device=device, seed=cfg.train.seed, val_rows=rows)
+            return linear_probe(torch.cat([fb, fv]), torch.cat([yb, yv]), features("test"), yq, num_classes,
+                                epochs=cfg.eval.linear_epochs, device=device, seed=cfg.train.seed, val_rows=rows)
+        return linear_probe(fb, yb, fv, yv, num_classes, epochs=cfg.eval.linear_epochs, device=device,
+                            seed=cfg.train.seed)
+
+    if cfg.eval.linear:
+        res = probe(trained_features)
+        if test is not None:
             out["linear_top1_val"], out["linear_top1_test"] = res.val_top1, res.top1
             tested, size_tested = cfg.data.test_split, len(test)
         else:
-            res = linear_probe(fb, yb, fv, yv, num_classes, epochs=cfg.eval.linear_epochs, device=device,
-                               seed=cfg.train.seed)
             out[f"linear_top1_{split_role(cfg, cfg.data.monitor_query_split)}"] = res.top1
             tested, size_tested = cfg.data.monitor_query_split, len(val)
         out["linear"] = {**res.to_dict(), "train_split": cfg.data.monitor_bank_split, "train_size": len(bank),
                          "test_split": tested, "test_size": size_tested}
         out["linear_top1"] = res.top1
+        # the same probe on the baselines' features (raw pixels once: the probe standardises its features, so
+        # normalised and [0, 1] pixels give the same probe)
+        for key in ("random_init", "raw_pixels"):
+            if key in baseline_models:
+                model, m, s, side = baseline_models[key]
+                sets_of = {name: extract_features(model, sets[name].images, m, s,  # type: ignore[union-attr]
+                                                  cfg.eval.batch_size, device, side)
+                           for name in ("bank", "val") + (("test",) if test is not None else ())}
+                out[f"{key}_linear"] = probe(sets_of.__getitem__).to_dict()
     return out
