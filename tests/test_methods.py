@@ -382,3 +382,6 @@ def test_every_preset_means_what_it_says() -> None:
         assert (cfg.method.name, loss_name(cfg.method)) == (method, loss), stem
         if METHODS[method].own_loss is None:  # the preset states its loss explicitly
             assert cfg.method.loss == loss, stem
+        # no preset chooses anything on the test split: it monitors on val and tests once at the end
+        assert (cfg.data.monitor_bank_split, cfg.data.monitor_query_split, cfg.data.test_split) == (
+            "train-minus-val", "val", "test"), stem
