@@ -186,6 +186,7 @@ def test_bad_settings_are_refused_before_the_run_starts(overrides, needle, tiny_
     [
         (["--device", "cuda"], "CUDA is not available"),
         (["--steps", "0"], "--steps must be an integer >= 1"),
+        (["--repeats", "0"], "--repeats must be an integer >= 1"),
         (["--precision", "16"], "needs a CUDA device"),
     ],
 )

@@ -454,3 +454,26 @@ def test_bench_throughput_runs_the_host_with_and_without_the_plugin(tmp_path, mo
     assert not any(o.startswith("plugins") for o in records[0]["overrides"])
     assert "plugins.ascl.neighbours=3" in records[1]["overrides"]
     assert all(r["model_images_per_sec"] > 0 for r in records)
+
+
+def test_compare_repeats_takes_medians_and_ratios_to_the_host() -> None:
+    from contrastkit.bench import compare_repeats
+
+    base = {"method": "moco", "backbone": "convnet", "dataset": "fashion-mnist"}
+    speeds = {"-": [100.0, 90.0, 120.0], "ascl": [80.0, 99.0, 45.0]}  # alternating runs, as --repeats makes them
+    records = [{**base, "plugins": p, "repeat": i, "end_to_end_images_per_sec": speeds[p][i]}
+               for i in range(3) for p in ("-", "ascl")]
+    rows = {r["plugins"]: r for r in compare_repeats(records)}
+    assert rows["-"]["end_to_end_images_per_sec"] == 100.0 and rows["-"]["ratio_to_host"] == 1.0
+    assert rows["ascl"]["end_to_end_images_per_sec"] == 80.0 and rows["ascl"]["ratio_to_host"] == 0.8
+    assert (rows["ascl"]["min"], rows["ascl"]["max"], rows["ascl"]["n"]) == (45.0, 99.0, 3)
+
+
+@pytest.mark.slow
+def test_bench_repeats_alternate_host_and_plugin(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "throughput", "--backbone", "small_resnet", "--dataset", "synthetic", "--method", "moco",
+                 "--batch-size", "16", "--steps", "1", "--warmup", "0", "--plugin", "ascl", "--repeats", "2",
+                 "model.widths=[8,16]", "method.loss=infonce"]) == 0
+    out = capsys.readouterr().out
+    assert "median of 2" in out and "x the host" in out

@@ -157,7 +157,7 @@ def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, ste
 def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100, warmup: int = 10,
                    device: str | None = None, methods: list[str] | None = None, dataset: str | None = None,
                    precision: str = "32", as_json: bool = False, overrides: list[str] | None = None,
-                   plugins: list[str] | None = None) -> list[dict[str, Any]]:
+                   plugins: list[str] | None = None, repeats: int = 1) -> list[dict[str, Any]]:
     """Run :func:`bench_setting` for each method x backbone on ``device`` (default ``None``: CUDA if available,
     else the CPU). ``dataset`` (``fashion-mnist`` or ``synthetic``) is used for every backbone; by default
     (``None``) ``small_resnet``/``convnet`` run on Fashion-MNIST and torchvision ResNets on 3x32x32 synthetic images
@@ -166,13 +166,18 @@ def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100
     ``plugins``: each setting runs twice, side by side: without plug-ins (``plugins.*`` overrides dropped) and
     with the named plug-ins on (``plugins.NAME={}`` unless ``overrides`` configure them).
 
+    ``repeats``: the variants of a setting run alternately (host, plug-in, host, plug-in, ...) ``repeats`` times, so
+    that a drift of the machine's speed (other jobs, CPU frequency) hits both alike; each record carries its
+    ``repeat`` index, and :func:`compare_repeats` gives each variant's median and its ratio to the host's.
+
     Raises:
         ConfigError: ``steps`` < 1, ``warmup`` < 0, ``batch_size`` < 2, an unknown ``dataset`` or ``precision``,
             or a CUDA device on a machine without one (checked before anything runs).
     """
     from contrastkit.errors import ConfigError
 
-    for name, value, low in (("--steps", steps, 1), ("--warmup", warmup, 0), ("--batch-size", batch_size, 2)):
+    for name, value, low in (("--steps", steps, 1), ("--warmup", warmup, 0), ("--batch-size", batch_size, 2),
+                             ("--repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ConfigError(f"bench {name} must be an integer >= {low}, got {value!r}")
     if dataset is not None and dataset not in BENCH_DATASETS:
@@ -195,13 +200,38 @@ def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100
     for method in methods or ["simclr"]:
         for backbone in backbones:
             ds = dataset or ("synthetic" if backbone.startswith("resnet") else "fashion-mnist")
-            for label, ov in variants:
-                r = bench_setting(backbone, method, ds, batch_size, steps, warmup, device, precision, ov)
-                r["plugins"] = label
-                records.append(r)
-                if not as_json:
-                    _print_record(r)
+            for repeat in range(repeats):
+                for label, ov in variants:
+                    r = bench_setting(backbone, method, ds, batch_size, steps, warmup, device, precision, ov)
+                    r["plugins"], r["repeat"] = label, repeat
+                    records.append(r)
+                    if not as_json:
+                        _print_record(r)
+    if repeats > 1 and not as_json:
+        for row in compare_repeats(records):
+            print(f"{row['method']:8s} {row['plugins']:6s} {row['backbone']:13s} median of {row['n']}: end-to-end "
+                  f"{row['end_to_end_images_per_sec']:7.0f}/s (range {row['min']:.0f}-{row['max']:.0f}), "
+                  f"{row['ratio_to_host']:.3f} x the host")
     return records
+
+
+def compare_repeats(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (method, backbone, dataset, plug-ins): the median end-to-end images/s over the repeats, its range, and
+    the ratio of that median to the same setting's without plug-ins (``"-"``)."""
+    import statistics
+
+    groups: dict[tuple[str, ...], list[float]] = {}
+    for r in records:
+        key = (r["method"], r["backbone"], r["dataset"], r["plugins"])
+        groups.setdefault(key, []).append(r["end_to_end_images_per_sec"])
+    rows = []
+    for (method, backbone, ds, label), values in groups.items():
+        host = statistics.median(groups[(method, backbone, ds, "-")])
+        median = statistics.median(values)
+        rows.append({"method": method, "backbone": backbone, "dataset": ds, "plugins": label, "n": len(values),
+                     "end_to_end_images_per_sec": median, "min": min(values), "max": max(values),
+                     "ratio_to_host": median / host})
+    return rows
 
 
 def _print_record(r: dict[str, Any]) -> None:

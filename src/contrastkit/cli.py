@@ -251,7 +251,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     records = run_throughput(backbones=args.backbone, batch_size=args.batch_size, steps=args.steps,
                              warmup=args.warmup, device=args.device, methods=args.method, dataset=args.dataset,
                              precision=args.precision, as_json=args.json, overrides=args.overrides,
-                             plugins=args.plugins)
+                             plugins=args.plugins, repeats=args.repeats)
     if args.json:
         for r in records:
             print(json.dumps(r))
@@ -362,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--plugin", action="append", default=[], metavar="NAME", dest="plugins",
                     help="also run each setting with this plug-in on (repeatable; options: plugins.NAME.KEY=V "
                          "overrides, which apply to the plug-in runs only)")
+    tp.add_argument("--repeats", type=int, default=1,
+                    help="run each setting's variants alternately this many times; prints each variant's median "
+                         "and its ratio to the host (default 1)")
     tp.set_defaults(func=cmd_bench)
 
     pg = sub.add_parser("plugins", help="print the host x plug-in compatibility matrix")
