@@ -304,10 +304,16 @@ def test_incompatible_run_is_refused_before_the_run_directory_exists(tmp_path, c
 def test_cli_prints_the_matrix(capsys):
     assert main(["plugins"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    table = {line.split("  ")[0].strip(): line.split()[-1] for line in lines[2:]}
+    assert lines[1].split() == ["host", *sorted(PLUGINS)]
+    column = -len(PLUGINS) + sorted(PLUGINS).index("ascl")  # the cells of the ascl column, counted from the right
+    table = {line.split("  ")[0].strip(): line.split()[column] for line in lines[2:]}
     assert table["moco + infonce"] == "yes" and table["simclr + infonce"] == "yes" and table["byol"] == "yes"
     assert table["moco + dcl"] == "-" and table["nnclr + infonce"] == "-" and table["barlow"] == "-"
-    assert lines[1].split() == ["host", *sorted(PLUGINS)]
+    for name, cls in PLUGINS.items():  # every column says what the plug-in's check says
+        col = -len(PLUGINS) + sorted(PLUGINS).index(name)
+        for line, (method, loss) in zip(lines[2:], host_rows()):
+            accepted = method in cls.hosts and (cls.hosts[method] is None or loss in cls.hosts[method])
+            assert line.split()[col] == ("yes" if accepted else "-"), (name, line)
 
 
 # ------------------------------------------------------------------------------------------ the seam itself
