@@ -255,7 +255,8 @@ def test_bad_options_are_refused_in_one_line(override, needle):
 
 @pytest.mark.parametrize("method,loss", host_rows())
 def test_curation_works_with_every_two_view_host(method, loss):
-    overrides = [f"method.name={method}", "plugins.curation={criterion: frd}"] + ([f"method.loss={loss}"] if loss else [])
+    overrides = [f"method.name={method}", "plugins.curation={criterion: frd}"]
+    overrides += [f"method.loss={loss}"] if loss else []
     assert load_config(None, overrides).plugins == {"curation": {"criterion": "frd"}}
 
 
@@ -375,3 +376,61 @@ def test_bench_throughput_runs_curation_side_by_side(tmp_path, monkeypatch, caps
 
 def test_curation_is_registered_with_its_hosts():
     assert set(PLUGINS["curation"].hosts) == {"simclr", "moco", "nnclr", "byol", "barlow"}
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+DDP = [
+    "data.name=synthetic", "data.image_size=16", "data.options={n: 256, channels: 3}", "views.preset=simclr",
+    "views.common={blur_prob: 0.0}", "model.backbone=small_resnet", "model.widths=[8, 16]", "model.stem_stride=1",
+    "method.name=moco", "method.loss=infonce", "method.proj_hidden_dim=32", "method.proj_out_dim=16",
+    "method.queue_size=48", "optim.batch_size=16", "optim.lr=0.1", "train.epochs=2", "train.accelerator=cpu",
+    "train.devices=2", "train.strategy=ddp", "train.progress_bar=false", "train.knn_every_n_epochs=0",
+    "eval.knn=false", "plugins.curation={warmup_epochs: 0.5, pool_factor: 3}",
+]
+
+
+def _ddp_worker(rank: int, world: int, tmp: str) -> dict:
+    import lightning as L
+
+    from contrastkit.training.run import train
+
+    class Record(L.Callback):
+        def __init__(self) -> None:
+            self.pools, self.kept = [], []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.pools.append(batch.tolist())
+            self.kept.append(pl_module.trained_indices.tolist())
+
+    class Stop(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            trainer.should_stop = True
+
+    rec = Record()
+    full = train(load_config(None, DDP + [f"train.run_dir={Path(tmp) / 'full'}"]), callbacks=[rec])
+    train(load_config(None, DDP + [f"train.run_dir={Path(tmp) / 'part'}"]), callbacks=[Stop()])
+    resumed = train(load_config(None, DDP + [f"train.run_dir={Path(tmp) / 'part'}", "train.resume=last"]))
+    return {"pools": rec.pools, "kept": rec.kept, "steps": (full.metrics["steps"], resumed.metrics["steps"])}
+
+
+@pytest.mark.slow
+def test_under_ddp_each_process_curates_its_own_shard_and_resume_is_exact(tmp_path):
+    from distributed_utils import run_gloo
+
+    results = run_gloo(_ddp_worker, 2, tmp_path, str(tmp_path), timeout_s=400, launcher="lightning")
+    spe = 256 // 2 // 16
+    for rank, res in enumerate(results):
+        assert res["steps"] == (2 * spe, 2 * spe)
+        loaders = [index_loader(256, 16, 0, 2, rank, pool_factor=3) for _ in range(2)]
+        for epoch, loader in enumerate(loaders):
+            loader.batch_sampler.sampler.set_epoch(epoch)
+            assert res["pools"][epoch * spe:(epoch + 1) * spe] == [b.tolist() for b in loader]  # its own shard
+        for pool, kept in zip(res["pools"], res["kept"]):
+            assert len(kept) == 16 and set(kept) <= set(pool)
+        assert res["kept"][:spe // 2] == [p[:16] for p in res["pools"][:spe // 2]]  # the warm-up: host batches
+    shards = [{i for p in res["pools"][:spe] for i in p} for res in results]
+    assert not shards[0] & shards[1]  # epoch 0: disjoint shards, no communication needed
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after the resume"

@@ -52,7 +52,8 @@ fraction of the pool with ``m_i > s_i``), ``frd_kept`` / ``frd_host`` (frd). Eve
 steps, when the training split has labels and the run has a kNN monitor bank (``data.monitor_bank_split``):
 ``knn_error_kept`` / ``knn_error_rejected``, the fraction of the kept / rejected views that a weighted kNN
 (``train.knn_k``, ``train.knn_temperature``) on the scoring backbone's features (eval mode) of
-``monitor_bank_size`` bank images would misclassify: the evidence for or against the premise that rejected pairs are semantically wrong.
+``monitor_bank_size`` bank images would misclassify: the evidence for or against the premise that rejected pairs
+are semantically wrong (between two checks Lightning's log repeats the last value).
 Labels are read for this log only, never for the selection. The bank may contain pool images (the default bank is
 the training split without the validation images), which lowers both errors alike.
 
