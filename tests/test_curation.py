@@ -305,7 +305,7 @@ def test_short_run_of_every_host_with_curation(host, tmp_path):
     rec = _TrainedSizes()
     res = train(load_config(None, tiny(tmp_path / "c") + HOSTS[host] + [
         f"plugins.curation={{criterion: {criterion}, warmup_epochs: 0.125, drop_false_negatives: true}}",
-        "train.log_every_n_steps=1"]), callbacks=[rec])
+        "train.log_every_n_steps=1", f"train.online_linear={host == 'simclr_infonce'}"]), callbacks=[rec])
     assert rec.pool == [64] * 4 and rec.trained == [32] * 4
     cols = _log_columns(tmp_path / "c")
     losses = cols["train/loss"]
@@ -372,6 +372,18 @@ def test_bench_throughput_runs_curation_side_by_side(tmp_path, monkeypatch, caps
     on = records[1]["overrides"]
     assert on[0] == "plugins.curation={warmup_epochs: 0}" and "plugins.curation.pool_factor=3" in on[1:]
     assert all(r["end_to_end_images_per_sec"] > 0 for r in records)
+
+
+def test_the_clock_counts_the_trained_images_not_the_pool():
+    from types import SimpleNamespace
+
+    from contrastkit.training.callbacks import TrainClock
+
+    clock = TrainClock()
+    trainer = SimpleNamespace(world_size=2)
+    clock.on_train_batch_end(trainer, SimpleNamespace(trained_indices=torch.arange(16)), None, torch.arange(48), 0)
+    clock.on_train_batch_end(trainer, SimpleNamespace(), None, torch.arange(48), 1)  # a module without selection
+    assert clock.images == 2 * 16 + 2 * 48
 
 
 def test_curation_is_registered_with_its_hosts():
