@@ -7,7 +7,6 @@ criterion, NumPy with ``scipy.linalg.sqrtm`` (a general Schur-based matrix squar
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -35,7 +34,8 @@ from contrastkit.plugins.registry import host_rows
 from contrastkit.training.module import PoolBatchSampler, SSLModule, index_loader
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plugin_reference import HOSTS, per_step_losses  # noqa: E402
+from plugin_reference import HOSTS, assert_resume_exact, bench_records, per_step_losses  # noqa: E402
+from test_training_distributed import OVERRIDES  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -342,32 +342,15 @@ def test_curation_composes_with_ascl_and_checks_the_premise(tiny_overrides, tmp_
 
 @pytest.mark.slow
 def test_resume_continues_exactly_with_curation(tiny_overrides, tmp_path):
-    from contrastkit.training.run import train
-
-    from test_training import _StopAfterFirstEpoch, _weights
-
-    base = tiny_overrides + ["train.epochs=2", "train.knn_every_n_epochs=0", "eval.knn=false", "method.name=moco",
-                             "method.loss=infonce", "method.queue_size=256",
-                             "plugins.curation={warmup_epochs: 0.5, drop_false_negatives: true}"]
-    full = train(load_config(None, base + [f"train.run_dir={tmp_path / 'full'}"]))
-    part_dir = tmp_path / "part"
-    train(load_config(None, base + [f"train.run_dir={part_dir}"]), callbacks=[_StopAfterFirstEpoch()])
-    resumed = train(load_config(None, base + [f"train.run_dir={part_dir}", "train.resume=last"]))
-    assert resumed.metrics["steps"] == full.metrics["steps"] == 2 * (512 // 64)
-    a, b = _weights(full.last_checkpoint), _weights(resumed.last_checkpoint)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{key} differs after resume")
+    assert_resume_exact(tiny_overrides + [
+        "train.epochs=2", "train.knn_every_n_epochs=0", "eval.knn=false", "method.name=moco", "method.loss=infonce",
+        "method.queue_size=256", "plugins.curation={warmup_epochs: 0.5, drop_false_negatives: true}"], tmp_path)
 
 
 @pytest.mark.slow
 def test_bench_throughput_runs_curation_side_by_side(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code = main(["bench", "throughput", "--backbone", "small_resnet", "--dataset", "synthetic", "--method", "simclr",
-                 "--batch-size", "16", "--steps", "2", "--warmup", "1", "--json", "--plugin", "curation",
-                 "model.widths=[8,16]", "data.options={n: 128, channels: 3}", "plugins.curation.pool_factor=3"])
-    assert code == 0
-    records = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    records = bench_records(["--method", "simclr", "--plugin", "curation"], ["plugins.curation.pool_factor=3"], capsys)
     assert [r["plugins"] for r in records] == ["-", "curation"]
     on = records[1]["overrides"]
     assert on[0] == "plugins.curation={warmup_epochs: 0}" and "plugins.curation.pool_factor=3" in on[1:]
@@ -391,14 +374,7 @@ def test_curation_is_registered_with_its_hosts():
 
 
 # ------------------------------------------------------------------------------------------------ distributed
-DDP = [
-    "data.name=synthetic", "data.image_size=16", "data.options={n: 256, channels: 3}", "views.preset=simclr",
-    "views.common={blur_prob: 0.0}", "model.backbone=small_resnet", "model.widths=[8, 16]", "model.stem_stride=1",
-    "method.name=moco", "method.loss=infonce", "method.proj_hidden_dim=32", "method.proj_out_dim=16",
-    "method.queue_size=48", "optim.batch_size=16", "optim.lr=0.1", "train.epochs=2", "train.accelerator=cpu",
-    "train.devices=2", "train.strategy=ddp", "train.progress_bar=false", "train.knn_every_n_epochs=0",
-    "eval.knn=false", "plugins.curation={warmup_epochs: 0.5, pool_factor: 3}",
-]
+DDP = [*OVERRIDES, "method.loss=infonce", "plugins.curation={warmup_epochs: 0.5, pool_factor: 3}"]  # 4 steps/epoch
 
 
 def _ddp_worker(rank: int, world: int, tmp: str) -> dict:
@@ -430,16 +406,16 @@ def test_under_ddp_each_process_curates_its_own_shard_and_resume_is_exact(tmp_pa
     from distributed_utils import run_gloo
 
     results = run_gloo(_ddp_worker, 2, tmp_path, str(tmp_path), timeout_s=400, launcher="lightning")
-    spe = 256 // 2 // 16
+    spe = 256 // 2 // 32
     for rank, res in enumerate(results):
         assert res["steps"] == (2 * spe, 2 * spe)
-        loaders = [index_loader(256, 16, 0, 2, rank, pool_factor=3) for _ in range(2)]
+        loaders = [index_loader(256, 32, 0, 2, rank, pool_factor=3) for _ in range(2)]
         for epoch, loader in enumerate(loaders):
             loader.batch_sampler.sampler.set_epoch(epoch)
             assert res["pools"][epoch * spe:(epoch + 1) * spe] == [b.tolist() for b in loader]  # its own shard
         for pool, kept in zip(res["pools"], res["kept"]):
-            assert len(kept) == 16 and set(kept) <= set(pool)
-        assert res["kept"][:spe // 2] == [p[:16] for p in res["pools"][:spe // 2]]  # the warm-up: host batches
+            assert len(kept) == 32 and set(kept) <= set(pool)
+        assert res["kept"][:spe // 2] == [p[:32] for p in res["pools"][:spe // 2]]  # the warm-up: host batches
     shards = [{i for p in res["pools"][:spe] for i in p} for res in results]
     assert not shards[0] & shards[1]  # epoch 0: disjoint shards, no communication needed
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
