@@ -63,6 +63,37 @@ def per_step_losses(overrides: list[str], run_dir: Path) -> list[float]:
     return recorder.losses
 
 
+def assert_resume_exact(overrides: list[str], tmp_path: Path) -> dict[str, torch.Tensor]:
+    """Train ``overrides`` (2 epochs) straight through, and again interrupted after epoch 1 and resumed; assert the
+    two final checkpoints hold identical weights and buffers; return them."""
+    from contrastkit.config import load_config
+    from contrastkit.training.run import train
+
+    from test_training import _StopAfterFirstEpoch, _weights
+
+    full = train(load_config(None, overrides + [f"train.run_dir={tmp_path / 'full'}"]))
+    part_dir = tmp_path / "part"
+    train(load_config(None, overrides + [f"train.run_dir={part_dir}"]), callbacks=[_StopAfterFirstEpoch()])
+    resumed = train(load_config(None, overrides + [f"train.run_dir={part_dir}", "train.resume=last"]))
+    assert resumed.metrics["steps"] == full.metrics["steps"]
+    a, b = _weights(full.last_checkpoint), _weights(resumed.last_checkpoint)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{key} differs after resume")
+    return a
+
+
+def bench_records(options: list[str], overrides: list[str], capsys) -> list[dict]:
+    """``contrastkit bench throughput --json OPTIONS OVERRIDES`` on tiny synthetic data: the JSON records printed."""
+    from contrastkit.cli import main
+
+    code = main(["bench", "throughput", "--backbone", "small_resnet", "--dataset", "synthetic", "--batch-size", "16",
+                 "--steps", "2", "--warmup", "1", "--json", *options, "model.widths=[8,16]",
+                 "data.options={n: 128, channels: 3}", *overrides])
+    assert code == 0
+    return [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+
+
 if __name__ == "__main__":
     import tempfile
 

@@ -35,7 +35,7 @@ from contrastkit.plugins import PLUGINS, Plugin, StepContext
 from contrastkit.plugins.registry import host_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plugin_reference import FIXTURE, HOSTS, per_step_losses  # noqa: E402
+from plugin_reference import FIXTURE, HOSTS, assert_resume_exact, bench_records, per_step_losses  # noqa: E402
 
 TARGETS = ["ascl", "ahcl", "hard", "normal"]
 
@@ -304,10 +304,16 @@ def test_incompatible_run_is_refused_before_the_run_directory_exists(tmp_path, c
 def test_cli_prints_the_matrix(capsys):
     assert main(["plugins"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    table = {line.split("  ")[0].strip(): line.split()[-1] for line in lines[2:]}
+    assert lines[1].split() == ["host", *sorted(PLUGINS)]
+    column = -len(PLUGINS) + sorted(PLUGINS).index("ascl")  # the cells of the ascl column, counted from the right
+    table = {line.split("  ")[0].strip(): line.split()[column] for line in lines[2:]}
     assert table["moco + infonce"] == "yes" and table["simclr + infonce"] == "yes" and table["byol"] == "yes"
     assert table["moco + dcl"] == "-" and table["nnclr + infonce"] == "-" and table["barlow"] == "-"
-    assert lines[1].split() == ["host", *sorted(PLUGINS)]
+    for name, cls in PLUGINS.items():  # every column says what the plug-in's check says
+        col = -len(PLUGINS) + sorted(PLUGINS).index(name)
+        for line, (method, loss) in zip(lines[2:], host_rows()):
+            accepted = method in cls.hosts and (cls.hosts[method] is None or loss in cls.hosts[method])
+            assert line.split()[col] == ("yes" if accepted else "-"), (name, line)
 
 
 # ------------------------------------------------------------------------------------------ the seam itself
@@ -424,32 +430,17 @@ def test_short_run_of_every_compatible_host_with_ascl(host, tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_exactly_with_ascl(tiny_overrides, tmp_path):
-    from contrastkit.training.run import train
-
-    from test_training import _StopAfterFirstEpoch, _weights
-
-    base = tiny_overrides + ["train.epochs=2", "train.knn_every_n_epochs=0", "eval.knn=false", "method.name=moco",
-                             "method.loss=infonce", "method.queue_size=256", "plugins.ascl={neighbours: 5}"]
-    full = train(load_config(None, base + [f"train.run_dir={tmp_path / 'full'}"]))
-    part_dir = tmp_path / "part"
-    train(load_config(None, base + [f"train.run_dir={part_dir}"]), callbacks=[_StopAfterFirstEpoch()])
-    resumed = train(load_config(None, base + [f"train.run_dir={part_dir}", "train.resume=last"]))
-    assert resumed.metrics["steps"] == full.metrics["steps"] == 2 * (512 // 64)
-    a, b = _weights(full.last_checkpoint), _weights(resumed.last_checkpoint)
-    assert a.keys() == b.keys() and "method.queue.keys" in a
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{key} differs after resume")
+    weights = assert_resume_exact(tiny_overrides + [
+        "train.epochs=2", "train.knn_every_n_epochs=0", "eval.knn=false", "method.name=moco", "method.loss=infonce",
+        "method.queue_size=256", "plugins.ascl={neighbours: 5}"], tmp_path)
+    assert "method.queue.keys" in weights
 
 
 @pytest.mark.slow
 def test_bench_throughput_runs_the_host_with_and_without_the_plugin(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code = main(["bench", "throughput", "--backbone", "small_resnet", "--dataset", "synthetic", "--method", "moco",
-                 "--batch-size", "16", "--steps", "2", "--warmup", "1", "--json", "--plugin", "ascl",
-                 "model.widths=[8,16]", "data.options={n: 128, channels: 3}", "method.loss=infonce",
-                 "plugins.ascl.neighbours=3"])
-    assert code == 0
-    records = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    overrides = ["method.loss=infonce", "plugins.ascl.neighbours=3"]
+    records = bench_records(["--method", "moco", "--plugin", "ascl"], overrides, capsys)
     assert [r["plugins"] for r in records] == ["-", "ascl"]
     assert not any(o.startswith("plugins") for o in records[0]["overrides"])
     assert "plugins.ascl.neighbours=3" in records[1]["overrides"]

@@ -5,7 +5,9 @@ For each (method, backbone) setting, in source images per second (one source ima
 - ``views``: view generation alone (uint8 batch gathered from the device store -> augmented, normalised views);
 - ``model``: the model step alone on ready view tensors (forward, loss, backward, optimizer step): our limit;
 - ``end_to_end``: the real training loop (Lightning ``Trainer.fit`` on the device-resident dataset, index
-  sampler, on-device views, logging), timed between batch starts after ``warmup`` steps;
+  sampler, on-device views, logging), timed between batch starts after ``warmup`` steps; a batch plug-in's
+  candidate pool (curation: views and a no-grad forward of ``pool_factor x B`` images) is counted here only, and
+  images/s counts the ``B`` trained images;
 - ``ratio`` = end_to_end / model (1.0 = the data pipeline costs nothing),
 
 plus peak memory (CUDA: ``max_memory_allocated``; CPU: the process's peak RSS, which only grows, so read it per
@@ -133,7 +135,7 @@ def bench_setting(backbone: str, method: str, dataset: str, batch_size: int, ste
 
     class _DM(L.LightningDataModule):
         def train_dataloader(self) -> Any:
-            return index_loader(len(data), batch_size, 0, 1, 0)
+            return index_loader(len(data), batch_size, 0, 1, 0, e2e.method.plugins.pool_factor)
 
     trainer.fit(e2e, datamodule=_DM())
 
@@ -164,7 +166,7 @@ def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100
     with the CIFAR stem (the CIFAR setting).
 
     ``plugins``: each setting runs twice, side by side: without plug-ins (``plugins.*`` overrides dropped) and
-    with the named plug-ins on (``plugins.NAME={}`` unless ``overrides`` configure them).
+    with the named plug-ins on (each with its ``bench_options``, then the ``plugins.*`` of ``overrides``).
 
     ``repeats``: the variants of a setting run alternately (host, plug-in, host, plug-in, ...) ``repeats`` times, so
     that a drift of the machine's speed (other jobs, CPU frequency) hits both alike; each record carries its
@@ -193,8 +195,10 @@ def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100
     base = [o for o in overrides or [] if not o.startswith("plugins")]
     variants = [("-", base)]
     if plugins:
-        configured = [o for o in overrides or [] if o.startswith("plugins")]
-        on = [f"plugins.{name}={{}}" for name in plugins if not any(o.startswith(f"plugins.{name}") for o in configured)]
+        from contrastkit.plugins.registry import plugin_class
+
+        # each plug-in on with its bench defaults (e.g. no curation warm-up), under the configured options
+        on = [f"plugins.{name}={_flow(plugin_class(name).bench_options)}" for name in plugins]
         variants.append((",".join(plugins), on + list(overrides or [])))
     records = []
     for method in methods or ["simclr"]:
@@ -232,6 +236,13 @@ def compare_repeats(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                      "end_to_end_images_per_sec": median, "min": min(values), "max": max(values),
                      "ratio_to_host": median / host})
     return rows
+
+
+def _flow(options: dict[str, Any]) -> str:
+    """``options`` as a one-line YAML mapping (a command-line override value)."""
+    import yaml
+
+    return yaml.safe_dump(options, default_flow_style=True).strip() if options else "{}"
 
 
 def _print_record(r: dict[str, Any]) -> None:

@@ -154,6 +154,8 @@ class OnlineLinearProbe(L.Callback):
                            batch_idx: int) -> None:
         assert self.head is not None and self.optimizer is not None
         images = pl_module.images  # type: ignore[attr-defined]
+        trained = getattr(pl_module, "trained_indices", None)  # a batch plug-in's kept indices, not its pool
+        batch = batch if trained is None else trained
         idx = batch.to(images.device)
         feats = self.features(trainer, pl_module, images[idx])  # B x D
         y = self.labels[batch.to(self.labels.device)]  # B

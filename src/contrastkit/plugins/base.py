@@ -6,6 +6,10 @@ is exactly the host's run. The hooks act in this fixed order within a training s
 
 1. ``select_batch(indices, ctx, module)`` (the batch; batch curation): the dataset indices of the loader's batch
    (a candidate pool) -> the indices to train on. Called by the training module before the images are gathered.
+   A plug-in that wants a pool declares ``pool_factor`` (the loader then delivers ``pool_factor x optim.batch_size``
+   indices per step; ``optim.batch_size`` pairs are trained, so the learning rate, its schedule and the epoch length
+   follow ``optim.batch_size``), and may hand the views it made of the kept indices to the module through
+   ``batch_views()`` (so the views it scored are the views that are trained).
 2. ``transform_input(view, ctx)`` (the input; batch fusion): each view of the *student* encoder, one view at a
    time (never mixing the two views of an image), before the backbone; teachers see the plain views. Called in
    :meth:`contrastkit.methods.SSLMethod.encode_views`.
@@ -26,6 +30,7 @@ method has no loss choice). Options: the nested dataclass ``Options``; each fiel
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -85,6 +90,8 @@ class Plugin(nn.Module):
     hosts: ClassVar[dict[str, tuple[str, ...] | None]] = {}
     Options: ClassVar[type] = NoOptions
     lr_factor: float = 1.0  #: learning-rate factor of the plug-in's parameter group
+    #: options ``contrastkit bench throughput --plugin NAME`` sets unless configured (so it acts within a few steps)
+    bench_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, options: Any) -> None:
         super().__init__()
@@ -117,11 +124,22 @@ class Plugin(nn.Module):
             raise ConfigError(f"plugins.{cls.name} does not work with method.loss={loss} on {method}; compatible "
                               f"losses: {', '.join(losses)}")
 
+    @property
+    def pool_factor(self) -> int:
+        """Batch: the loader delivers ``pool_factor x optim.batch_size`` indices per step to :meth:`select_batch`,
+        which returns ``optim.batch_size`` of them. Default 1 (the host's batch)."""
+        return 1
+
     # ----------------------------------------------------------------------------------- hooks, in order
     def select_batch(self, indices: Tensor, ctx: StepContext, module: Any) -> Tensor:
         """Batch: the dataset indices to train on, from the loader's ``indices`` (``module``: the training module,
         with ``images``, ``make_views`` and ``method``). Default: all of them."""
         return indices
+
+    def batch_views(self) -> list[Tensor] | None:
+        """Batch: the views (``V x (B x C x h x w)``) :meth:`select_batch` made of the indices it returned this
+        step, handed over once, or None (default): the training module makes them."""
+        return None
 
     def transform_input(self, view: Tensor, ctx: StepContext) -> Tensor:
         """Input: one view ``B x C x h x w`` of the student encoder. Default: unchanged."""
@@ -172,11 +190,24 @@ class PluginSet(nn.Module):
     def begin_step(self, ctx: StepContext) -> None:
         self.context = ctx
 
+    @property
+    def pool_factor(self) -> int:
+        """Indices the loader delivers per step, in units of ``optim.batch_size`` (the plug-ins' factors multiplied)."""
+        return math.prod(p.pool_factor for p in self)
+
     def select_batch(self, indices: Tensor, module: Any) -> Tensor:
         for p in self:
             indices = p.select_batch(indices, self.context, module)
         self.context = dataclasses.replace(self.context, indices=indices)
         return indices
+
+    def batch_views(self) -> list[Tensor] | None:
+        """The views a batch plug-in made of the kept indices this step, or None."""
+        for p in self:
+            views = p.batch_views()
+            if views is not None:
+                return views
+        return None
 
     def transform_input(self, view: Tensor) -> Tensor:
         for p in self:

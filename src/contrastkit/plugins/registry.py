@@ -84,3 +84,4 @@ def plugin_matrix() -> str:
 
 
 from contrastkit.plugins import ascl  # noqa: E402,F401  (registers; one line per plug-in)
+from contrastkit.plugins import curation  # noqa: E402,F401

@@ -173,7 +173,8 @@ class StderrProgressBar(TQDMProgressBar):
 
 
 class TrainClock(L.Callback):
-    """Training wall-clock time and images seen, excluding the time spent in monitors at epoch end.
+    """Training wall-clock time and images trained (a batch plug-in's candidate pool counts only the kept
+    images), excluding the time spent in monitors at epoch end.
 
     Put it before the monitors in the callback list: its epoch-end hook runs first, so their time is not counted.
     Saved in checkpoints, so resumed runs keep counting.
@@ -196,7 +197,8 @@ class TrainClock(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        self.images += int(batch.shape[0]) * trainer.world_size
+        trained = getattr(pl_module, "trained_indices", None)  # a batch plug-in's pool is larger than what trains
+        self.images += int((batch if trained is None else trained).shape[0]) * trainer.world_size
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._start is not None:

@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from contrastkit.augment import ViewGenerator, policy_preset
 from contrastkit.augment.views import ViewPolicy
 from contrastkit.config import Config, config_from_dict, scaled_lr
 from contrastkit.distributed import gather_objects
-from contrastkit.errors import ConfigError, ContrastkitError
+from contrastkit.data import ImageTensors
+from contrastkit.errors import ConfigError, ContrastkitError, DataError
 from contrastkit.methods import SSLMethod, build_method
 from contrastkit.models import backbone_args, build_backbone
 from contrastkit.models.queue import ddp_ignored_buffers
@@ -59,11 +61,42 @@ def _identity_collate(batch: torch.Tensor) -> torch.Tensor:
     return batch
 
 
-def index_loader(n: int, batch_size: int, seed: int, num_replicas: int, rank: int) -> DataLoader:
-    """Deterministic shuffled index batches; each rank gets ``n // num_replicas`` indices, last partial batch dropped."""
+class PoolBatchSampler(Sampler[list[int]]):
+    """Candidate pools of ``pool_factor x batch_size`` indices, one per step of the host's epoch.
+
+    Pool ``t`` is the host's batch ``t`` (positions ``t*B .. (t+1)*B`` of the sampler's order for the epoch) followed
+    by the next ``pool_factor - 1`` batches of that order, wrapping around this rank's shard: so its first
+    ``batch_size`` indices are exactly the host's batch, the epoch has the host's number of steps, every index lies
+    in ``pool_factor`` pools per epoch, and no pool holds an index twice (``pool_factor x batch_size`` must not
+    exceed the shard). The order is the wrapped sampler's, a function of ``(seed, epoch)``, so resume is exact.
+    Lightning calls ``set_epoch`` on ``self.sampler``.
+    """
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int, pool_factor: int) -> None:
+        if pool_factor * batch_size > len(sampler):
+            raise DataError(f"a candidate pool of {pool_factor} x optim.batch_size={batch_size} images is larger than "
+                            f"this process's {len(sampler)} training images: lower the pool factor or the batch size")
+        self.sampler, self.batch_size, self.pool_factor = sampler, batch_size, pool_factor
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = list(self.sampler)
+        size = self.batch_size * self.pool_factor
+        for t in range(len(self)):
+            yield [order[(t * self.batch_size + j) % len(order)] for j in range(size)]
+
+
+def index_loader(n: int, batch_size: int, seed: int, num_replicas: int, rank: int, pool_factor: int = 1) -> DataLoader:
+    """Deterministic shuffled index batches; each rank gets ``n // num_replicas`` indices, last partial batch dropped.
+    ``pool_factor > 1`` (a batch plug-in's candidate pool): each batch is a :class:`PoolBatchSampler` pool."""
     sampler = DistributedSampler(
         IndexDataset(n), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
+    if pool_factor > 1:
+        return DataLoader(IndexDataset(n), batch_sampler=PoolBatchSampler(sampler, batch_size, pool_factor),
+                          num_workers=0, collate_fn=_identity_collate)
     return DataLoader(
         IndexDataset(n), batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=0,
         collate_fn=_identity_collate,
@@ -135,6 +168,10 @@ class SSLModule(L.LightningModule):
         self.total_steps = steps_per_epoch * cfg.train.epochs
         self.peak_lr = scaled_lr(cfg, world_size)
         self.images: torch.Tensor | None = None  # N x C x H x W uint8, set by attach_images()
+        # monitoring only, never training: the training labels (N int64, or None) and the kNN monitor's bank
+        self.labels: torch.Tensor | None = None
+        self.monitor_bank: ImageTensors | None = None
+        self.trained_indices: torch.Tensor | None = None  # the indices trained at the current step (after select)
         self._aug_gen: torch.Generator | None = None
         self._aug_gen_states: list[torch.Tensor] | None = None  # restored from a checkpoint: one per rank
         self._cuda_rng_state: torch.Tensor | None = None  # restored from a checkpoint, set once on the device
@@ -145,11 +182,12 @@ class SSLModule(L.LightningModule):
         self._stepped = False  # set by the optimizer's step post-hook: the last optimizer_step really stepped
 
     # ----------------------------------------------------------------------------------------------------- data
-    def attach_images(self, images: torch.Tensor) -> None:
-        """The training images (uint8 ``N x C x H x W``); moved to the device when training starts."""
+    def attach_images(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """The training images (uint8 ``N x C x H x W``); moved to the device when training starts. ``labels``
+        (``N`` int64, optional) are for monitors only (plug-ins' diagnostics); training never reads them."""
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ContrastkitError("training images must be a uint8 N x C x H x W tensor")
-        self.images = images
+        self.images, self.labels = images, labels
 
     @property
     def backbone(self) -> torch.nn.Module:
@@ -199,8 +237,11 @@ class SSLModule(L.LightningModule):
         plugins = self.method.plugins  # hooks in their fixed order: batch, input (in the method), targets, extra
         plugins.begin_step(self.step_context(batch))
         batch = plugins.select_batch(batch, self)
+        self.trained_indices = batch
         imgs = self.images[batch]  # B x C x H x W uint8, on the device
-        views = self.make_views(imgs, self._aug_gen)
+        views = plugins.batch_views()  # the views a batch plug-in scored, if it made them
+        if views is None:
+            views = self.make_views(imgs, self._aug_gen)
         out = plugins.add_extra_losses(self.training_loss(views))
         loss = out["loss"]
         if not torch.isfinite(loss.detach()):

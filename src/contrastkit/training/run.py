@@ -73,14 +73,16 @@ class TrainResult:
 
 
 class _IndexData(L.LightningDataModule):
-    """Index batches sharded by the trainer's rank/world size (known only once the trainer is launched)."""
+    """Index batches sharded by the trainer's rank/world size (known only once the trainer is launched);
+    ``pool_factor``: the plug-ins' candidate pool (:attr:`contrastkit.plugins.PluginSet.pool_factor`)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, pool_factor: int = 1) -> None:
         super().__init__()
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.n, self.batch_size, self.seed, self.pool_factor = n, batch_size, seed, pool_factor
 
     def train_dataloader(self) -> Any:
-        return index_loader(self.n, self.batch_size, self.seed, self.trainer.world_size, self.trainer.global_rank)
+        return index_loader(self.n, self.batch_size, self.seed, self.trainer.world_size, self.trainer.global_rank,
+                            self.pool_factor)
 
 
 def load_split(cfg: Config, split: str) -> ImageTensors:
@@ -361,7 +363,14 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
             f"({len(data)} images): lower optim.batch_size"
         )
     module = SSLModule(cfg.to_dict(), data.channels, int(data.images.shape[-1]), mean, std, spe, world)
-    module.attach_images(data.images)
+    pool = module.method.plugins.pool_factor * cfg.optim.batch_size
+    if pool > len(data) // world:
+        raise DataError(f"the plug-ins' candidate pool of {pool} images per process ({pool // cfg.optim.batch_size} x "
+                        f"optim.batch_size={cfg.optim.batch_size}) is larger than the {len(data) // world} training "
+                        "images per process: lower the pool factor or optim.batch_size")
+    module.attach_images(data.images, data.labels)  # labels: monitors only (a plug-in's diagnostics)
+    if knn_cb is not None:
+        module.monitor_bank = knn_cb.bank
     if saved_hp is not None:
         _check_same_training_set(saved_hp, module)
     if launcher:
@@ -371,7 +380,8 @@ def _train(cfg: Config, run_dir: Path, resume: Path | None, resume_step: int, sa
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=_IndexData(len(data), cfg.optim.batch_size, cfg.train.seed),
+        trainer.fit(module, datamodule=_IndexData(len(data), cfg.optim.batch_size, cfg.train.seed,
+                                                  module.method.plugins.pool_factor),
                     ckpt_path=str(resume) if resume is not None else None)
     except SystemExit:  # Lightning turns Ctrl-C into sys.exit(1) after its graceful shutdown
         if trainer.interrupted and launcher:
