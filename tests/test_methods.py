@@ -378,7 +378,8 @@ def test_an_old_byol_checkpoint_config_with_the_former_default_loss_loads() -> N
 PRESET_LOSSES = {"fmnist_simclr_dcl": ("simclr", "dcl"), "cifar10_simclr_resnet18": ("simclr", "infonce"),
                  "fmnist_moco": ("moco", "infonce"), "fmnist_nnclr": ("nnclr", "infonce"),
                  "fmnist_byol": ("byol", "byol (cosine)"), "fmnist_barlow": ("barlow", "barlow twins"),
-                 "fmnist_moco_ascl": ("moco", "infonce"), "cifar10_moco_ascl_resnet18": ("moco", "infonce")}
+                 "fmnist_moco_ascl": ("moco", "infonce"), "cifar10_moco_ascl_resnet18": ("moco", "infonce"),
+                 "fmnist_all4one": ("all4one", "infonce"), "cifar10_all4one_resnet18": ("all4one", "infonce")}
 
 
 def test_every_preset_means_what_it_says() -> None:
