@@ -177,8 +177,10 @@ class All4One(SSLMethod):
             out["neighbour_loss"] = loss_nn.detach()
         if o.centroid_weight > 0:
             q1, q2 = self.centroid_predictor(z1), self.centroid_predictor(z2)  # BxD each
-            c1, c2 = self.centroid(nn1), self.centroid(nn2)  # BxD each, centroids of the neighbour sets
-            s1, s2 = self.centroid.shifted(q1, nn1), self.centroid.shifted(q2, nn2)  # BxD each, shifted sets
+            # the four sequences in one batch (one pass is faster; each sequence is encoded on its own all the same)
+            seqs = [nn1, nn2, self.centroid.shift(q1, nn1), self.centroid.shift(q2, nn2)]  # BxkxD each
+            dtype = seqs[2].dtype  # float32 (or float64): the neighbours' dtype, promoted with the predictions'
+            c1, c2, s1, s2 = self.centroid(torch.cat([s.to(dtype) for s in seqs])).chunk(4)  # BxD each
             loss_cent = (self.centroid_criterion(c1, s2) + self.centroid_criterion(c2, s1)) / 2
             terms.append((o.centroid_weight, loss_cent))
             out["centroid_loss"] = loss_cent.detach()

@@ -11,7 +11,7 @@ For a sequence of ``k`` tokens ``X`` (``B x k x D``: the ``k`` nearest neighbour
 
 with ``T`` a stack of ``nn.TransformerEncoderLayer`` (post-norm, ReLU, batch-first) and ``P`` (``k x D``) a fixed
 sinusoidal code, one vector per token position (:func:`sinusoidal_token_code`). All4One's "shift operation" feeds
-the sample's own prediction in front of its first ``k - 1`` neighbours, :meth:`CentroidTransformer.shifted`.
+the sample's own prediction in front of its first ``k - 1`` neighbours, :meth:`CentroidTransformer.shift`.
 
 Defaults and sources: 3 layers, 8 heads, feed-forward width ``2 * D`` (512 at ``D = 256``), dropout 0.1: official
 code (``dim_feedforward=proj_output_dim * 2``); ``k = 5`` tokens: official code (hard-coded there).
@@ -94,13 +94,16 @@ class CentroidTransformer(nn.Module):
             raise ValueError(f"tokens must have shape (B, {self.tokens}, {self.dim}), got {tuple(tokens.shape)}")
         return self.encoder(tokens + self.position_code.to(tokens.dtype))[:, 0]  # BxD
 
-    def shifted(self, own: Tensor, neighbours: Tensor) -> Tensor:
-        """All4One's shift operation: the centroid of ``[own, neighbours[:, 0], ..., neighbours[:, k-2]]``.
+    def shift(self, own: Tensor, neighbours: Tensor) -> Tensor:
+        """All4One's shift operation: the sequence ``[own, neighbours[:, 0], ..., neighbours[:, k-2]]``, ``B x k x D``.
 
         Args:
             own: ``B x D``, the sample's own embedding (All4One: the second predictor's output).
             neighbours: ``B x k x D``, its neighbours, most similar first; the last one is dropped.
         """
         dtype = torch.promote_types(own.dtype, neighbours.dtype)  # a half-precision prediction joins float32 rows
-        seq = torch.cat([own.unsqueeze(1).to(dtype), neighbours[:, : self.tokens - 1].to(dtype)], dim=1)  # BxkxD
-        return self(seq)  # BxD
+        return torch.cat([own.unsqueeze(1).to(dtype), neighbours[:, : self.tokens - 1].to(dtype)], dim=1)  # BxkxD
+
+    def shifted(self, own: Tensor, neighbours: Tensor) -> Tensor:
+        """The centroid of the shifted sequence :meth:`shift`, ``B x D``."""
+        return self(self.shift(own, neighbours))  # BxD
