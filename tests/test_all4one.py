@@ -415,3 +415,42 @@ def test_bench_throughput_compares_all4one_and_nnclr_side_by_side(tmp_path, monk
     records = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
     assert [r["method"] for r in records] == ["all4one", "nnclr"]
     assert all(r["model_images_per_sec"] > 0 for r in records)
+
+
+def test_plugin_hooks_reach_all4one_like_any_two_view_host(monkeypatch) -> None:
+    """The seam batch fusion and curation plug in at: the input hook sees the student's two views only (the
+    momentum encoder sees the plain views), extra losses add to All4One's, and plug-ins refuse or accept all4one by
+    their declared hosts (ASCL, whose targets are undefined on a neighbour positive, refuses it)."""
+    from contrastkit.plugins import Plugin, build_plugins
+    from contrastkit.plugins.registry import PLUGINS
+
+    class Probe(Plugin):
+        name = "probe"
+        hosts = {"all4one": None}
+
+        def __init__(self, options) -> None:
+            super().__init__(options)
+            self.scale = nn.Parameter(torch.ones(()))
+            self.shapes: list[tuple[int, ...]] = []
+
+        def transform_input(self, view, ctx):
+            self.shapes.append(tuple(view.shape))
+            return view * self.scale
+
+        def extra_losses(self, outputs, ctx):
+            return {"reg": (0.5, (self.scale - 2.0) ** 2)}
+
+    monkeypatch.setitem(PLUGINS, "probe", Probe)
+    cfg = load_config(None, [*TINY, "plugins.probe={}"])
+    m = _method("plugins.probe={}")
+    m.use_plugins(build_plugins(cfg))
+    probe = m.plugins.items["probe"]
+    views = _views(n=8, side=12)
+    out = m.plugins.add_extra_losses(m.forward_loss(views, 0.0))
+    assert probe.shapes == [(8, 1, 12, 12)] * 2  # the student's two views, not the teacher's
+    assert out["probe_reg"].item() == pytest.approx(1.0) and "neighbour_loss" in out
+    out["loss"].backward()
+    assert probe.scale.grad is not None and probe.scale.grad.abs() > 0
+    assert "plugins.probe" in [g.name for g in m.parameter_groups()]
+    with pytest.raises(ConfigError, match="plugins.ascl does not work with method.name=all4one"):
+        load_config(None, [*TINY, "plugins.ascl={}"])
