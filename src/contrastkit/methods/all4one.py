@@ -75,10 +75,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contrastkit.config import MethodConfig, check_value
+from contrastkit.config import MethodConfig
 from contrastkit.losses import FeatureContrastLoss, build_queue_loss
 from contrastkit.methods.base import ParamGroup, SSLMethod, build_predictor, build_projector, check_two_views
 from contrastkit.models import CentroidTransformer, MemoryQueue, nearest_neighbours
+from contrastkit.validation import check_value
 
 
 @dataclass
