@@ -232,7 +232,8 @@ def ref_all4one(m: All4One, views: list[Tensor], bank: Tensor, k: int, weights: 
              for v in (0, 1)]
     l_nn = (ref_cross_entropy([s[0] for s in nbrs[0]], list(p[1]), t_nn)
             + ref_cross_entropy([s[0] for s in nbrs[1]], list(p[0]), t_nn)) / 2
-    l_c = (ref_cross_entropy(list(cent[0]), list(shift[1]), t_c) + ref_cross_entropy(list(cent[1]), list(shift[0]), t_c)) / 2
+    l_c = (ref_cross_entropy(list(cent[0]), list(shift[1]), t_c)
+           + ref_cross_entropy(list(cent[1]), list(shift[0]), t_c)) / 2
     l_f = ref_feature(zm1, z2, zm2, z1, scale)
     return weights[0] * l_nn + weights[1] * l_c + weights[2] * l_f
 
@@ -368,7 +369,8 @@ def test_options_are_validated_with_the_config(override: str, needle: str) -> No
 
 def test_option_defaults_are_the_official_ones() -> None:
     o = _method().options
-    assert (o.neighbours, o.neighbour_weight, o.centroid_weight, o.feature_weight, o.feature_scale) == (5, .5, .5, .5, 10)
+    assert (o.neighbours, o.neighbour_weight, o.centroid_weight, o.feature_weight) == (5, .5, .5, .5)
+    assert o.feature_scale == 10
     assert (o.centroid_temperature, o.transformer_layers, o.transformer_heads, o.transformer_dropout) == (.1, 3, 8, .1)
     assert o.transformer_ffn_dim is None and o.centroid_lr == 0.1
     cfg = load_config(None, ["method.name=all4one"]).method

@@ -1,6 +1,6 @@
 """Two processes (gloo, CPU, DDP) on half batches must train exactly like one process on the whole batch, for MoCo,
-NNCLR, BYOL, Barlow Twins and All4One, and for MoCo, BYOL and SimCLR with the ASCL plug-in: same losses, same (DDP-averaged)
-gradients over two optimizer steps, same momentum teacher, and a global queue identical on both ranks and equal to the single-process queue.
+NNCLR, BYOL, Barlow Twins and All4One, and for MoCo, BYOL and SimCLR with the ASCL plug-in: same losses, same
+(DDP-averaged) gradients over two optimizer steps, same momentum teacher, and a global queue identical on both ranks and equal to the single-process queue.
 
 BatchNorm: with local statistics, BN makes half batches differ from the whole batch by design, so most cases use
 BN-free backbones and heads; what they test is the communication (gathered negatives, global queue, all-reduced
@@ -203,7 +203,8 @@ L_CASES = {
     "moco-ascl": NO_BN + ["method.name=moco", "method.loss=infonce", "method.shuffle_bn=shuffle",
                           "method.queue_size=12", "method.momentum_base=0.9", "method.momentum_final=0.9",
                           "plugins.ascl={neighbours: 2, target_temperature: 0.5}"],
-    "all4one": NO_BN + ["method.name=all4one", "method.loss=infonce", "method.queue_size=10", "method.momentum_base=0.9",
+    "all4one": NO_BN + ["method.name=all4one", "method.loss=infonce", "method.queue_size=10",
+                        "method.momentum_base=0.9",
                         "method.options={neighbours: 3, transformer_heads: 2, transformer_dropout: 0.0}"],
 }
 

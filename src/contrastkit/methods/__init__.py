@@ -40,5 +40,6 @@ def build_method(backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> SS
     return METHODS[cfg.name](backbone, feature_dim, cfg)
 
 
-__all__ = ["All4One", "BYOL", "METHODS", "NNCLR", "BarlowTwins", "MoCo", "ParamGroup", "SSLMethod", "SimCLR", "build_method",
+__all__ = ["All4One", "BYOL", "METHODS", "NNCLR", "BarlowTwins", "MoCo", "ParamGroup", "SSLMethod", "SimCLR",
+           "build_method",
            "loss_name"]
