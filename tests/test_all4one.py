@@ -456,3 +456,24 @@ def test_plugin_hooks_reach_all4one_like_any_two_view_host(monkeypatch) -> None:
     assert "plugins.probe" in [g.name for g in m.parameter_groups()]
     with pytest.raises(ConfigError, match="plugins.ascl does not work with method.name=all4one"):
         load_config(None, [*TINY, "plugins.ascl={}"])
+
+
+@pytest.mark.slow
+def test_short_run_with_batch_curation_composed(tmp_path) -> None:
+    """All4One as a host of the batch-curation plug-in (its momentum teacher scores the pool): a short synthetic
+    run trains the kept half of a 2x pool after a one-step warm-up, logs both sets of terms and stays finite."""
+    from contrastkit.training.run import train
+
+    run_dir = tmp_path / "run"
+    train(load_config(None, [*SYNTHETIC, f"train.run_dir={run_dir}", "train.progress_bar=false", "eval.knn=false",
+                             "data.monitor_bank_split=null", "data.monitor_query_split=null",
+                             "plugins.curation={pool_factor: 2, warmup_epochs: 0.125}"]))
+    lines = (run_dir / "logs" / "csv" / "metrics.csv").read_text().splitlines()
+    header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
+
+    def column(name: str) -> list[float]:
+        return [float(r[header.index(name)]) for r in rows if r[header.index(name)]]
+
+    assert column("train/curation_rejected") == [0.0, 0.5, 0.5, 0.5, 0.5]  # 256 images / 32: warm-up is 1 step
+    for term in ("train/loss", "train/neighbour_loss", "train/centroid_loss", "train/feature_loss"):
+        assert len(column(term)) == 5 and all(math.isfinite(v) for v in column(term)), term
