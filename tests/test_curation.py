@@ -370,7 +370,7 @@ def test_the_clock_counts_the_trained_images_not_the_pool():
 
 
 def test_curation_is_registered_with_its_hosts():
-    assert set(PLUGINS["curation"].hosts) == {"simclr", "moco", "nnclr", "byol", "barlow"}
+    assert set(PLUGINS["curation"].hosts) == {"simclr", "moco", "nnclr", "byol", "barlow", "all4one"}
 
 
 # ------------------------------------------------------------------------------------------------ distributed

@@ -1,4 +1,4 @@
-"""Tests of the methods MoCo, NNCLR, BYOL and Barlow Twins: construction from the configuration, the SSLMethod
+"""Tests of the methods MoCo, NNCLR, BYOL, Barlow Twins and All4One: construction from the configuration, the SSLMethod
 contract (finite loss, gradients reaching the backbone, EMA teacher moved once per optimizer step, parameter groups
 covering every trainable parameter once), the queue in the state dict, the order "read the queue, compute the loss,
 stage the keys, enqueue them at the optimizer step", MoCo's shuffling BN, configuration errors, and a short synthetic training run per method."""
@@ -15,15 +15,15 @@ from torch import Tensor, nn
 
 from contrastkit.config import load_config
 from contrastkit.errors import ConfigError
-from contrastkit.methods import METHODS, NNCLR, SSLMethod, build_method, loss_name
+from contrastkit.methods import METHODS, NNCLR, All4One, SSLMethod, build_method, loss_name
 from contrastkit.methods.moco import encode_in_groups, shuffled_forward
 from contrastkit.models import build_backbone
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-NAMES = ["moco", "nnclr", "byol", "barlow"]
-QUEUE_METHODS = ["moco", "nnclr"]
-TEACHER_METHODS = ["moco", "byol"]
+NAMES = ["moco", "nnclr", "byol", "barlow", "all4one"]
+QUEUE_METHODS = ["moco", "nnclr", "all4one"]
+TEACHER_METHODS = ["moco", "byol", "all4one"]
 TINY = ["method.proj_hidden_dim=32", "method.proj_out_dim=16", "method.pred_hidden_dim=24", "method.queue_size=50"]
 B = 16  # batch size of the unit tests
 
@@ -50,7 +50,8 @@ def test_methods_are_registered() -> None:
 @pytest.mark.parametrize(
     "name,loss",
     [("moco", "infonce"), ("moco", "dcl"), ("moco", "dclw"), ("nnclr", "infonce"), ("nnclr", "dcl"),
-     ("nnclr", "dclw"), ("byol", None), ("barlow", None)],
+     ("nnclr", "dclw"), ("byol", None), ("barlow", None), ("all4one", "infonce"), ("all4one", "dcl"),
+     ("all4one", "dclw")],
 )
 def test_forward_loss_is_finite_and_reaches_the_backbone(name: str, loss: str | None) -> None:
     method = _method(name, *([f"method.loss={loss}"] if loss else []))
@@ -66,7 +67,7 @@ def test_forward_loss_is_finite_and_reaches_the_backbone(name: str, loss: str | 
         method.after_optimizer_step(progress=0.0)
     if name == "moco":  # symmetric: both views' keys, 2 x 16 per step, in a queue of 50
         assert len(method.queue) == 50 and method.queue.is_full
-    if name == "nnclr":  # view 1's projections, 16 per step
+    if name in ("nnclr", "all4one"):  # view 1's (momentum) projections, 16 per step
         assert len(method.queue) == 32
 
 
@@ -93,7 +94,7 @@ def test_parameter_groups_cover_every_trainable_parameter_once(name: str) -> Non
         assert teacher and not teacher & set(ids)
         assert not any(p.requires_grad for p in method.teacher.parameters())
     names = [g.name for g in groups]
-    assert ("predictor" in names) == (name in ("nnclr", "byol"))  # for optim.predictor_lr_factor
+    assert ("predictor" in names) == (name in ("nnclr", "byol", "all4one"))  # for optim.predictor_lr_factor
 
 
 @pytest.mark.parametrize("name", TEACHER_METHODS)
@@ -140,7 +141,7 @@ def test_queue_is_in_the_state_dict_and_restored(name: str) -> None:
 
 
 def _record_calls(method: SSLMethod) -> tuple[list, list]:
-    """Patch the method's queue.push and loss (MoCo) / neighbour lookup (NNCLR) to record their inputs."""
+    """Patch the method's queue.push and loss (MoCo) / neighbour lookup (NNCLR, All4One) to record their inputs."""
     pushed: list[Tensor] = []
     seen: list[Tensor | None] = []
     push = method.queue.push
@@ -150,12 +151,15 @@ def _record_calls(method: SSLMethod) -> tuple[list, list]:
         push(keys, *args, **kwargs)
 
     method.queue.push = record_push  # type: ignore[method-assign]
-    if isinstance(method, NNCLR):
+    if isinstance(method, (NNCLR, All4One)):
+        lookup = "neighbour" if isinstance(method, NNCLR) else "neighbours"
+        find = getattr(method, lookup)
+
         def record_neighbour(z: Tensor, support: Tensor) -> Tensor:
             seen.append(support.clone())
-            return NNCLR.neighbour(z, support)
+            return find(z, support)
 
-        method.neighbour = record_neighbour  # type: ignore[method-assign]
+        setattr(method, lookup, record_neighbour)
     else:
         forward = method.criterion.forward
 
@@ -178,7 +182,7 @@ def test_keys_of_a_step_are_never_used_in_that_step(name: str) -> None:
     method.forward_loss(_views(0), 0.0)
     assert pushed == [] and len(method.queue) == 0  # staged, not pushed, until the optimizer step
     method.after_optimizer_step(0.0)
-    n_push = len(pushed)  # moco: k1, k2; nnclr: z1
+    n_push = len(pushed)  # moco: k1, k2; nnclr: z1; all4one: zm1
     if name == "moco":
         assert seen == [None, None]  # first step: empty queue, in-batch negatives, never unfilled storage
     else:
@@ -325,6 +329,9 @@ TRAIN_METHOD = {
     "nnclr": ["method.name=nnclr", "method.temperature=0.2", "method.queue_size=256"],
     "byol": ["method.name=byol"],
     "barlow": ["method.name=barlow", "method.proj_layers=3", "method.proj_hidden_dim=128", "method.proj_out_dim=128"],
+    # the transformer at the run's AdamW lr (its official fixed 0.1 is a LARS/SGD learning rate)
+    "all4one": ["method.name=all4one", "method.temperature=0.2", "method.queue_size=256",
+                "method.options={centroid_lr: null}"],
 }
 
 
@@ -339,7 +346,7 @@ def test_short_training_beats_random_init(name: str, tmp_path) -> None:
     assert metrics["knn_top1_test"] > metrics["random_init_knn"]["top1"] + 3.0, metrics  # both on the test split
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco", "nnclr"])
+@pytest.mark.parametrize("name", ["simclr", "moco", "nnclr", "all4one"])
 def test_an_unset_loss_is_infonce(name: str) -> None:
     from contrastkit.losses import InfoNCELoss, QueueInfoNCELoss
 
@@ -371,7 +378,8 @@ def test_an_old_byol_checkpoint_config_with_the_former_default_loss_loads() -> N
 PRESET_LOSSES = {"fmnist_simclr_dcl": ("simclr", "dcl"), "cifar10_simclr_resnet18": ("simclr", "infonce"),
                  "fmnist_moco": ("moco", "infonce"), "fmnist_nnclr": ("nnclr", "infonce"),
                  "fmnist_byol": ("byol", "byol (cosine)"), "fmnist_barlow": ("barlow", "barlow twins"),
-                 "fmnist_moco_ascl": ("moco", "infonce"), "cifar10_moco_ascl_resnet18": ("moco", "infonce")}
+                 "fmnist_moco_ascl": ("moco", "infonce"), "cifar10_moco_ascl_resnet18": ("moco", "infonce"),
+                 "fmnist_all4one": ("all4one", "infonce"), "cifar10_all4one_resnet18": ("all4one", "infonce")}
 
 
 def test_every_preset_means_what_it_says() -> None:

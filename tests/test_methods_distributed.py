@@ -1,6 +1,6 @@
 """Two processes (gloo, CPU, DDP) on half batches must train exactly like one process on the whole batch, for MoCo,
-NNCLR, BYOL and Barlow Twins, and for MoCo, BYOL and SimCLR with the ASCL plug-in: same losses, same (DDP-averaged)
-gradients over two optimizer steps, same momentum teacher, and a global queue identical on both ranks and equal to the single-process queue.
+NNCLR, BYOL, Barlow Twins and All4One, and for MoCo, BYOL and SimCLR with the ASCL plug-in: same losses, same
+(DDP-averaged) gradients over two optimizer steps, same momentum teacher, and a global queue identical on both ranks and equal to the single-process queue.
 
 BatchNorm: with local statistics, BN makes half batches differ from the whole batch by design, so most cases use
 BN-free backbones and heads; what they test is the communication (gathered negatives, global queue, all-reduced
@@ -9,9 +9,12 @@ shuffling BN on 2 processes must equal its single-device emulation with ``bn_spl
 from the same seeded generator), which checks both the DDP shuffle and the emulation.
 
 The first test wraps the method in a hand-built DDP (``broadcast_buffers=False``) to check the methods' own
-communication step by step; the second trains MoCo and NNCLR through Lightning's DDP strategy exactly as
+communication step by step; the second trains MoCo, NNCLR and All4One through Lightning's DDP strategy exactly as
 ``contrastkit train`` does, which is where the queues must survive DDP's buffer broadcast; MoCo + ASCL is checked
 there too (its soft targets read the same queue).
+
+All4One runs with transformer dropout 0: with dropout every process draws its masks from the same generator state,
+so 2 processes equal 1 only in distribution (contrastkit.methods.all4one).
 
 One spawn per test runs every case; the workers write their results to ``tmp_path`` and the parent process asserts.
 """
@@ -53,6 +56,10 @@ CASES: dict[str, list[str]] = {
     "nnclr-dcl": NO_BN + ["method.name=nnclr", "method.loss=dcl", "method.queue_size=64"],
     "byol": NO_BN + ["method.name=byol", "method.momentum_base=0.9"],
     "barlow": NO_BN + ["method.name=barlow", "method.proj_layers=3", "method.barlow_scale=1.0"],
+    # global queue (step 0: the own projections, step 1: 3 neighbours among 8), gathered columns, global feature term
+    "all4one": NO_BN + ["method.name=all4one", "method.loss=infonce", "method.queue_size=10",
+                        "method.momentum_base=0.9", "method.options={neighbours: 3, transformer_heads: 2, "
+                        "transformer_dropout: 0.0}"],
     # ASCL plug-in: MoCo (targets from the global queue; step 0: from the gathered keys), BYOL and SimCLR (in-batch
     # targets over the global batch); a high target temperature keeps the targets far from one-hot
     "moco-ascl": NO_BN + ["method.name=moco", "method.loss=infonce", "method.shuffle_bn=shuffle",
@@ -180,11 +187,12 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # The same through Lightning's DDP strategy, as training runs it (contrastkit.training.run.build_trainer)
 # ----------------------------------------------------------------------------------------------------------------------
-# MoCo, NNCLR and MoCo + ASCL trained by SSLModule under build_trainer's trainer with train.strategy=ddp on 2 gloo processes
-# (launched like torchrun, see distributed_utils), with views that are a fixed function of each image and BN-free
-# networks in float64 (Lightning's 64-true precision plugin). Global queue: the 2 processes equal one process on the whole batch
-# (losses, parameters, teacher, queue). gather_distributed=false: each rank's queue holds exactly its own keys (before
-# the queues were excluded from DDP's buffer broadcast, rank 0's queue overwrote rank 1's before every forward).
+# MoCo, NNCLR, All4One and MoCo + ASCL trained by SSLModule under build_trainer's trainer with train.strategy=ddp on 2
+# gloo processes (launched like torchrun, see distributed_utils), with views that are a fixed function of each image
+# and BN-free networks in float64 (Lightning's 64-true precision plugin). Global queue: the 2 processes equal one
+# process on the whole batch (losses, DDP-averaged gradients, parameters, teacher, queue). gather_distributed=false:
+# each rank's queue holds exactly its own keys (before the queues were excluded from DDP's buffer broadcast, rank 0's
+# queue overwrote rank 1's before every forward).
 
 L_STEPS = 3
 L_CASES = {
@@ -195,6 +203,9 @@ L_CASES = {
     "moco-ascl": NO_BN + ["method.name=moco", "method.loss=infonce", "method.shuffle_bn=shuffle",
                           "method.queue_size=12", "method.momentum_base=0.9", "method.momentum_final=0.9",
                           "plugins.ascl={neighbours: 2, target_temperature: 0.5}"],
+    "all4one": NO_BN + ["method.name=all4one", "method.loss=infonce", "method.queue_size=10",
+                        "method.momentum_base=0.9",
+                        "method.options={neighbours: 3, transformer_heads: 2, transformer_dropout: 0.0}"],
 }
 
 
@@ -220,11 +231,15 @@ def _fit(cfg, rank: int, world: int) -> dict[str, object]:
     n = N // world
     order = torch.randperm(N * L_STEPS, generator=torch.Generator().manual_seed(5))
     batches = [order[s * N: (s + 1) * N][rank * n: (rank + 1) * n] for s in range(L_STEPS)]
-    record: dict[str, object] = {"losses": []}
+    record: dict[str, object] = {"losses": [], "grads": []}
 
     class Recorder(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             record["losses"].append(outputs["loss"].detach().clone())
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # after DDP's gradient averaging
+            record["grads"].append({k: p.grad.clone() for k, p in pl_module.method.named_parameters()
+                                    if p.grad is not None})
 
         def on_train_end(self, trainer, pl_module):
             ddp = trainer.strategy.model  # DDP's wrapper under DDP: the buffers it broadcasts before each forward
@@ -260,6 +275,10 @@ def test_lightning_ddp_queues_two_processes(tmp_path: Path) -> None:
         for step in range(L_STEPS):
             _close((ranks[0]["losses"][step] + ranks[1]["losses"][step]) / 2, ref["losses"][step],
                    f"{case} step {step}: mean loss")
+            for r in ranks:
+                assert r["grads"][step].keys() == ref["grads"][step].keys() and ref["grads"][step]
+                for k, g in ref["grads"][step].items():
+                    _close(r["grads"][step][k], g, f"{case} step {step}: DDP gradient of {k}")
         for r in ranks:
             # DDP's per-forward broadcast leaves the queues alone (the model's other buffers are still broadcast)
             assert not any(".queue." in name for name in r["broadcast_buffers"]), r["broadcast_buffers"]

@@ -111,8 +111,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 # Methods with state beyond the weights: MoCo (queue of 48 < 64 keys per step, so it wraps; EMA teacher; shuffling
-# BN draws its permutations from torch's global generator), NNCLR (support set), BYOL (EMA teacher). Half the data
-# and narrower networks than tiny_overrides, to keep the 12 trainings short: 8 steps per epoch, 2 epochs.
+# BN draws its permutations from torch's global generator), NNCLR (support set), BYOL (EMA teacher), All4One (support
+# set of momentum projections, EMA teacher, transformer dropout drawn from torch's global generator). Half the data
+# and narrower networks than tiny_overrides, to keep the 15 trainings short: 8 steps per epoch, 2 epochs.
 SMALL = ["data.options={n: 256, channels: 3}", "optim.batch_size=32", "model.widths=[8, 16]"]
 RESUME_METHODS = {
     "simclr": SMALL,
@@ -120,6 +121,7 @@ RESUME_METHODS = {
                      "method.options={bn_splits: 2}"],
     "nnclr": SMALL + ["method.name=nnclr", "method.queue_size=40"],
     "byol": SMALL + ["method.name=byol"],
+    "all4one": SMALL + ["method.name=all4one", "method.queue_size=40", "method.options={transformer_layers: 1}"],
 }
 
 
@@ -136,9 +138,9 @@ def test_resume_continues_exactly(tiny_overrides, tmp_path, method):
     assert resumed.metrics["steps"] == full.metrics["steps"] == 2 * (256 // 32)
     a, b = _weights(full.last_checkpoint), _weights(resumed.last_checkpoint)
     assert a.keys() == b.keys()
-    if method in ("moco", "nnclr"):
+    if method in ("moco", "nnclr", "all4one"):
         assert int(a["method.queue.filled"]) == int(a["method.queue.keys"].shape[0])
-    if method in ("moco", "byol"):
+    if method in ("moco", "byol", "all4one"):
         assert any(k.startswith("method.teacher.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"parameter {k} differs after resume")

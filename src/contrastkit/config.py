@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from contrastkit.errors import ConfigError
-from contrastkit.validation import check_value
+from contrastkit.validation import check_value, known_options
 
 
 @dataclass
@@ -83,8 +83,8 @@ DEFAULT_LOSS = "infonce"
 class MethodConfig:
     """The SSL method, its loss and its heads. Fields marked with a method name are read by that method only."""
 
-    name: str = "simclr"  #: simclr, moco, nnclr, byol, barlow (see contrastkit.methods.METHODS)
-    loss: str | None = None  #: simclr/moco/nnclr: infonce, dcl, dclw; None = infonce. byol/barlow: None (own loss)
+    name: str = "simclr"  #: simclr, moco, nnclr, byol, barlow, all4one (see contrastkit.methods.METHODS)
+    loss: str | None = None  #: simclr/moco/nnclr/all4one: infonce, dcl, dclw; None = infonce. byol/barlow: None
     temperature: float = 0.1  #: softmax temperature of the contrastive loss
     sigma: float = 0.5  #: DCLW weighting temperature
     proj_hidden_dim: int = 512  #: projector hidden width
@@ -193,6 +193,8 @@ class Config:
         if method is not None and method.two_views and self.views.num_views != 2:
             raise ConfigError(f"method {self.method.name} uses exactly 2 views, got views.num_views="
                               f"{self.views.num_views}; set views.num_views=2")
+        if method is not None:
+            method.parse_options(self.method)  # method.options of the methods that declare typed options
         if method is not None and method.own_loss and self.method.loss is not None:
             raise ConfigError(f"method.loss={self.method.loss} does not apply to {self.method.name}, which has its own "
                               f"loss ({method.own_loss}); remove method.loss or choose simclr, moco or nnclr")
@@ -372,6 +374,20 @@ def coerce_value(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def options_from_dict(options_cls: type, raw: Any, prefix: str, owner: str = "") -> Any:
+    """``options_cls`` (a dataclass with a ``validate(prefix)`` method) filled from the mapping ``raw`` (None = all
+    defaults): unknown keys, wrong types and bad values raise a one-line ConfigError naming ``prefix.<key>``. The
+    typed options of the plug-ins (``plugins.<name>``) and of the methods that declare them (``method.options``)."""
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid value {raw!r} for {prefix}: expected a mapping of options like {{}}")
+    hints = typing.get_type_hints(options_cls)
+    known_options(raw, [f.name for f in dataclasses.fields(options_cls)], prefix, owner)
+    options = options_cls(**{k: coerce_value(v, hints[k], f"{prefix}.{k}") for k, v in raw.items()})
+    options.validate(prefix)
+    return options
+
+
 def _section_types(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -402,6 +418,9 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
     parts = key.split(".")
     if parts[0] == "plugins":
         return _apply_plugin(cfg, parts, value)
+    if len(parts) == 3 and parts[:2] == ["method", "options"]:  # one method option (method.options.KEY=V)
+        cfg.method.options = {**cfg.method.options, parts[2]: value}
+        return
     if len(parts) != 2:
         if len(parts) == 1 and parts[0] in _section_types(Config):
             if not isinstance(value, dict):

@@ -1,6 +1,6 @@
 """Contrastive losses: InfoNCE / NT-Xent, DCL, DCLW, their functional core and distributed helpers; the
-query-key (queue / support-set) variants of MoCo and NNCLR, BYOL's normalised MSE, Barlow Twins' loss and ASCL's
-soft-target variants of them.
+query-key (queue / support-set) variants of MoCo and NNCLR, BYOL's normalised MSE, Barlow Twins' loss, ASCL's
+soft-target variants of them and All4One's feature contrast.
 
 >>> from contrastkit.losses import InfoNCELoss, DCLLoss, DCLWLoss, build_loss
 """
@@ -24,6 +24,7 @@ from contrastkit.losses.queue import (
     QueueInfoNCELoss,
     build_queue_loss,
 )
+from contrastkit.losses.feature import FeatureContrastLoss
 from contrastkit.losses.regression import NormalizedMSELoss
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "LOSSES",
     "QUEUE_LOSSES",
     "BarlowTwinsLoss",
+    "FeatureContrastLoss",
     "NormalizedMSELoss",
     "QueueContrastiveLoss",
     "QueueDCLLoss",

@@ -9,6 +9,7 @@ from torch import nn
 
 from contrastkit.config import MethodConfig
 from contrastkit.errors import ConfigError
+from contrastkit.methods.all4one import All4One
 from contrastkit.methods.barlow import BarlowTwins
 from contrastkit.methods.base import ParamGroup, SSLMethod
 from contrastkit.methods.byol import BYOL
@@ -22,6 +23,7 @@ METHODS: dict[str, type[SSLMethod]] = {
     "nnclr": NNCLR,
     "byol": BYOL,
     "barlow": BarlowTwins,
+    "all4one": All4One,
 }
 
 
@@ -38,5 +40,6 @@ def build_method(backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> SS
     return METHODS[cfg.name](backbone, feature_dim, cfg)
 
 
-__all__ = ["BYOL", "METHODS", "NNCLR", "BarlowTwins", "MoCo", "ParamGroup", "SSLMethod", "SimCLR", "build_method",
+__all__ = ["All4One", "BYOL", "METHODS", "NNCLR", "BarlowTwins", "MoCo", "ParamGroup", "SSLMethod", "SimCLR",
+           "build_method",
            "loss_name"]

@@ -29,12 +29,12 @@ their parameter groups; the hosts stay plug-in agnostic.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from contrastkit.config import MethodConfig
+from contrastkit.config import MethodConfig, options_from_dict
 from contrastkit.errors import ConfigError
 from contrastkit.models import MemoryQueue, MomentumTeacher, cosine_momentum, mlp
 from contrastkit.plugins.base import PluginSet
@@ -48,6 +48,9 @@ class ParamGroup:
     name: str
     params: list[nn.Parameter]
     lr_factor: float = 1.0
+    #: a fixed peak learning rate for the group instead of ``lr_factor`` x the run's (batch-scaled) peak lr; the
+    #: warm-up + cosine schedule still applies (All4One's transformer: 0.1, not batch-scaled)
+    lr: float | None = None
 
 
 class SSLMethod(nn.Module):
@@ -66,6 +69,9 @@ class SSLMethod(nn.Module):
 
     own_loss: ClassVar[str | None] = None
     two_views: ClassVar[bool] = False  #: the method uses exactly 2 views (``views.num_views`` must be 2)
+    #: typed ``method.options`` (a dataclass with ``validate(prefix)``, as a plug-in's ``Options``), checked when
+    #: the configuration is validated; None: the method checks its options itself when it is built
+    Options: ClassVar[type | None] = None
 
     def __init__(self, backbone: nn.Module, feature_dim: int, cfg: MethodConfig) -> None:
         super().__init__()
@@ -73,6 +79,15 @@ class SSLMethod(nn.Module):
         self.plugins = PluginSet()
         self.feature_dim = feature_dim
         self.cfg = cfg
+
+    @classmethod
+    def parse_options(cls, cfg: MethodConfig) -> Any:
+        """The method's ``Options`` from ``cfg.options`` (unknown keys, wrong types, bad values: a one-line
+        ConfigError naming ``method.options.<key>``), or None for a method without declared options. Methods with
+        checks that involve other fields of ``cfg`` extend it."""
+        if cls.Options is None:
+            return None
+        return options_from_dict(cls.Options, cfg.options, "method.options", cfg.name)
 
     def use_plugins(self, plugins: PluginSet) -> None:
         """Attach the run's plug-ins; a targets plug-in may replace ``self.criterion`` (its ``criterion`` hook)."""

@@ -1,6 +1,8 @@
-"""Backbones and MLP heads; the shared parts of the methods: memory queue, nearest neighbours, momentum teacher."""
+"""Backbones and MLP heads; the shared parts of the methods: memory queue, nearest neighbours, momentum teacher,
+All4One's centroid transformer."""
 
 from contrastkit.models.backbones import BACKBONE_ARGS, BACKBONES, ConvNet, SmallResNet, backbone_args, build_backbone
+from contrastkit.models.centroid import CentroidTransformer, sinusoidal_token_code
 from contrastkit.models.heads import mlp
 from contrastkit.models.momentum import MomentumTeacher, cosine_momentum, fixed_momentum
 from contrastkit.models.neighbours import Neighbours, cosine_similarities, cosine_topk, nearest_neighbours
@@ -9,6 +11,7 @@ from contrastkit.models.queue import MemoryQueue
 __all__ = [
     "BACKBONES",
     "BACKBONE_ARGS",
+    "CentroidTransformer",
     "ConvNet",
     "MemoryQueue",
     "MomentumTeacher",
@@ -22,4 +25,5 @@ __all__ = [
     "fixed_momentum",
     "mlp",
     "nearest_neighbours",
+    "sinusoidal_token_code",
 ]

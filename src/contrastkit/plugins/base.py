@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -40,7 +39,6 @@ import torch
 from torch import Tensor, nn
 
 from contrastkit.errors import ConfigError
-from contrastkit.validation import known_options
 
 if TYPE_CHECKING:  # imported for annotations only: contrastkit.methods imports this module
     from contrastkit.config import MethodConfig
@@ -101,17 +99,9 @@ class Plugin(nn.Module):
     @classmethod
     def parse_options(cls, raw: dict[str, Any] | None) -> Any:
         """The ``Options`` of ``plugins.<name>``: unknown keys, wrong types and bad values raise ConfigError."""
-        from contrastkit.config import coerce_value
+        from contrastkit.config import options_from_dict
 
-        prefix = f"plugins.{cls.name}"
-        raw = {} if raw is None else raw
-        if not isinstance(raw, dict):
-            raise ConfigError(f"invalid value {raw!r} for {prefix}: expected a mapping of options like {{}}")
-        hints = typing.get_type_hints(cls.Options)
-        known_options(raw, [f.name for f in dataclasses.fields(cls.Options)], prefix)
-        options = cls.Options(**{k: coerce_value(v, hints[k], f"{prefix}.{k}") for k, v in raw.items()})
-        options.validate(prefix)
-        return options
+        return options_from_dict(cls.Options, raw, f"plugins.{cls.name}")
 
     @classmethod
     def check_host(cls, method: str, loss: str) -> None:

@@ -22,10 +22,11 @@ Step (``select_batch``, the batch hook; ``B = optim.batch_size``):
    indices of the pool are scored, ``lam`` from ``schedule``: the kept fraction ``B / M`` goes from 1 to
    ``1 / pool_factor`` [ours].
 3. Two views of each of the ``M`` images are drawn from the run's checkpointed augmentation generator and embedded
-   under ``no_grad`` by the backbone and projector: the momentum teacher's where the host has one (MoCo, BYOL) with
-   ``encoder=auto``, else the student's [ours]. BatchNorm running statistics are never changed: ``bn=eval`` runs
-   the networks in eval mode (running statistics), ``bn=batch`` in train mode (batch statistics, like the training
-   forward) with the running statistics saved and restored [ours]. ``z1, z2``: ``M x P``, L2-normalised.
+   under ``no_grad`` by the backbone and projector: the momentum teacher's where the host has one (MoCo, BYOL,
+   All4One) with ``encoder=auto``, else the student's [ours]. BatchNorm running statistics are never changed:
+   ``bn=eval`` runs the networks in eval mode (running statistics), ``bn=batch`` in train mode (batch statistics,
+   like the training forward) with the running statistics saved and restored [ours]. ``z1, z2``: ``M x P``,
+   L2-normalised.
 4. Criterion ``pair`` [ours, from the abstract of Welle et al.]: positive agreement ``s_i = <z1_i, z2_i>``, hardest
    in-pool negative ``m_i = max_{j != i} max(<z1_i, z1_j>, <z1_i, z2_j>)``, margin ``s_i - m_i``. The
    ``floor(drop_quantile x M)`` pairs with the lowest ``s`` are dropped (likely semantically different "positives";
@@ -64,8 +65,8 @@ over the processes (all have pools of equal size). Logs are rank 0's.
 State and resume: none beyond the host's: the pool comes from the deterministic sampler, the views from the
 checkpointed generator, so ``--resume`` continues exactly (tested).
 
-Hosts: ``simclr``, ``moco``, ``nnclr`` (any ``method.loss``), ``byol``, ``barlow``: every two-view host with a
-``projector``. A new host is one entry in ``Curation.hosts``.
+Hosts: ``simclr``, ``moco``, ``nnclr``, ``all4one`` (any ``method.loss``), ``byol``, ``barlow``: every two-view host
+with a ``projector``. A new host is one entry in ``Curation.hosts``.
 
 Options (``plugins.curation.<key>``):
 
@@ -238,6 +239,7 @@ class Curation(Plugin):
         "nnclr": None,
         "byol": None,
         "barlow": None,
+        "all4one": None,
     }
     Options = CurationOptions
     bench_options: ClassVar[dict[str, Any]] = {"warmup_epochs": 0}  # measure the curated steps

@@ -3,6 +3,8 @@
 - Parameter groups: every method's named groups (:class:`~contrastkit.methods.base.ParamGroup`) are split into a
   weight-decay part (weights of convs and linears) and a no-decay part (BatchNorm parameters and biases: every
   parameter with ``ndim <= 1``), as in SimCLR/BYOL/solo-learn. LARS also skips its trust ratio on the no-decay part.
+  A group's peak lr is ``lr_factor`` x the run's (batch-scaled) peak lr, or its own fixed ``lr`` when it sets one
+  (All4One's transformer, as solo-learn's fixed-lr groups); the schedule multiplies every group's peak lr.
 - ``lars``: LARS (You et al. 2017, https://arxiv.org/abs/1708.03888) as used by SimCLR/BYOL/solo-learn. Written
   here because neither PyTorch nor torchvision ship one; it is a thin wrapper of the SGD update.
 - Schedule: linear warm-up over ``warmup_epochs`` from ``warmup_start_factor * lr`` to ``lr``, then cosine decay to
@@ -91,11 +93,12 @@ def split_decay(groups: list[ParamGroup], lr: float, weight_decay: float) -> lis
             if id(p) in seen:
                 raise ValueError(f"parameter appears in two groups (second: {g.name})")
             seen.add(id(p))
+        group_lr = g.lr if g.lr is not None else lr * g.lr_factor  # a fixed lr is neither scaled nor factored
         if decay:
-            out.append(dict(name=f"{g.name}", params=decay, lr=lr * g.lr_factor, weight_decay=weight_decay,
+            out.append(dict(name=f"{g.name}", params=decay, lr=group_lr, weight_decay=weight_decay,
                             lars_adapt=True))
         if no_decay:
-            out.append(dict(name=f"{g.name}_no_decay", params=no_decay, lr=lr * g.lr_factor, weight_decay=0.0,
+            out.append(dict(name=f"{g.name}_no_decay", params=no_decay, lr=group_lr, weight_decay=0.0,
                             lars_adapt=False))
     return out
 
