@@ -433,7 +433,7 @@ def test_ddp_with_a_zero_strength_trains(fusion, tmp_path):
 def test_bench_throughput_runs_with_and_without_fusion(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = main(["bench", "throughput", "--backbone", "small_resnet", "--dataset", "synthetic", "--method", "simclr",
-                 "--batch-size", "16", "--steps", "2", "--warmup", "1", "--json", "--plugin", "batch_fusion",
+                 "--batch-size", "16", "--steps", "2", "--warmup", "1", "--json", "--plugins", "batch_fusion",
                  "model.widths=[8,16]", "data.options={n: 128, channels: 3}", "plugins.batch_fusion.layers=2"])
     assert code == 0
     records = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]

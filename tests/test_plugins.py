@@ -314,6 +314,8 @@ def test_cli_prints_the_matrix(capsys):
         for line, (method, loss) in zip(lines[2:], host_rows()):
             accepted = method in cls.hosts and (cls.hosts[method] is None or loss in cls.hosts[method])
             assert line.split()[col] == ("yes" if accepted else "-"), (name, line)
+    fusion = -len(PLUGINS) + sorted(PLUGINS).index("batch_fusion")
+    assert all(line.split()[fusion] == "yes" for line in lines[2:])  # batch fusion works with every host
 
 
 # ------------------------------------------------------------------------------------------ the seam itself
