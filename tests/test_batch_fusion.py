@@ -20,7 +20,6 @@ import torch
 import torchvision
 from torch import nn
 
-from contrastkit.cli import main
 from contrastkit.config import load_config
 from contrastkit.errors import ConfigError
 from contrastkit.models import backbone_stages
@@ -31,7 +30,8 @@ from contrastkit.plugins.registry import host_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed_utils import run_gloo  # noqa: E402
-from plugin_reference import HOSTS, per_step_losses  # noqa: E402
+from plugin_reference import HOSTS, assert_resume_exact, bench_records, per_step_losses  # noqa: E402
+from plugin_reference import numeric_grad as _np_grad  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,16 +101,6 @@ def np_fuse(x: np.ndarray, plugin: BatchFusion, alphas: list[float]) -> np.ndarr
     for layer, a in zip(plugin.layers, alphas):
         x = x + a * np_layer(x, layer, plugin.options.heads)
     return x
-
-
-def _np_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    g = np.zeros_like(x)
-    for idx in np.ndindex(*x.shape):
-        hi, lo = x.copy(), x.copy()
-        hi[idx] += eps
-        lo[idx] -= eps
-        g[idx] = (f(hi) - f(lo)) / (2 * eps)
-    return g
 
 
 class _Host(nn.Module):
@@ -374,23 +364,11 @@ def test_fused_resnet18_exports_into_plain_torchvision(tmp_path):
 
 @pytest.mark.slow
 def test_resume_continues_exactly_with_batch_fusion(tiny_overrides, tmp_path):
-    from contrastkit.training.run import train
-
-    from test_training import _StopAfterFirstEpoch, _weights
-
     base = tiny_overrides + ["train.epochs=2", "train.knn_every_n_epochs=0", "eval.knn=false", "method.name=moco",
                              "method.loss=infonce", "method.queue_size=256",
                              "plugins.batch_fusion={strength: both, max_strength: 0.5, layers: 2}"]
-    full = train(load_config(None, base + [f"train.run_dir={tmp_path / 'full'}"]))
-    part_dir = tmp_path / "part"
-    train(load_config(None, base + [f"train.run_dir={part_dir}"]), callbacks=[_StopAfterFirstEpoch()])
-    resumed = train(load_config(None, base + [f"train.run_dir={part_dir}", "train.resume=last"]))
-    assert resumed.metrics["steps"] == full.metrics["steps"] == 2 * (512 // 64)
-    a, b = _weights(full.last_checkpoint), _weights(resumed.last_checkpoint)
-    assert a.keys() == b.keys() and "method.plugins.items.batch_fusion.gates.0" in a
-    assert a["method.plugins.items.batch_fusion.gates.0"].item() != 0.0
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=f"{key} differs after resume")
+    weights = assert_resume_exact(base, tmp_path)
+    assert weights["method.plugins.items.batch_fusion.gates.0"].item() != 0.0  # the gate trained
 
 
 @pytest.mark.slow
@@ -432,11 +410,8 @@ def test_ddp_with_a_zero_strength_trains(fusion, tmp_path):
 @pytest.mark.slow
 def test_bench_throughput_runs_with_and_without_fusion(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code = main(["bench", "throughput", "--backbone", "small_resnet", "--dataset", "synthetic", "--method", "simclr",
-                 "--batch-size", "16", "--steps", "2", "--warmup", "1", "--json", "--plugins", "batch_fusion",
-                 "model.widths=[8,16]", "data.options={n: 128, channels: 3}", "plugins.batch_fusion.layers=2"])
-    assert code == 0
-    records = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    records = bench_records(["--method", "simclr", "--plugins", "batch_fusion"], ["plugins.batch_fusion.layers=2"],
+                            capsys)
     assert [r["plugins"] for r in records] == ["-", "batch_fusion"]
     assert "plugins.batch_fusion.layers=2" in records[1]["overrides"]
     assert all(r["model_images_per_sec"] > 0 for r in records)
