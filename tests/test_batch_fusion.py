@@ -337,6 +337,10 @@ def test_fused_run_exports_a_plain_backbone(tmp_path):
     for key in ("train/batch_fusion_strength", "train/batch_fusion_relative_norm"):
         values = [float(r.split(",")[cols.index(key)]) for r in rows if r.split(",")[cols.index(key)]]
         assert len(values) == 4 and all(math.isfinite(v) for v in values)
+    from contrastkit.report import build_report
+
+    md = build_report([run], tmp_path / "report").read_text()
+    assert "batch_fusion_strength.png" in md and (tmp_path / "report" / "batch_fusion_relative_norm.png").is_file()
 
 
 @pytest.mark.slow
