@@ -376,6 +376,23 @@ def test_resume_continues_exactly_with_batch_fusion(tiny_overrides, tmp_path):
 
 
 @pytest.mark.slow
+def test_composes_with_curation(tmp_path):
+    """Curation picks the batch, fusion transforms the student's kept views (the scoring forward sees plain views):
+    at strength 0 fusion leaves a curated run unchanged; with ASCL as well all three run and log together."""
+    curated = ["plugins.curation={pool_factor: 2, warmup_epochs: 0, monitor_every_n_steps: 0}"]
+    plain = per_step_losses(HOSTS["moco_infonce"] + curated, tmp_path / "cur")
+    zero = per_step_losses(HOSTS["moco_infonce"] + curated + ["plugins.batch_fusion={strength: ramp, max_strength: 0}"],
+                           tmp_path / "zero")
+    assert zero == plain
+    three = per_step_losses(HOSTS["moco_infonce"] + curated + ["plugins.ascl={}", "train.log_every_n_steps=1",
+                                                               "plugins.batch_fusion={mixer: linear, strength: both}",
+                                                               "method.options={bn_splits: 1}"], tmp_path / "all")
+    assert all(math.isfinite(x) for x in three) and three != plain
+    header = (tmp_path / "all" / "logs" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/curation_rejected", "train/ascl_confidence", "train/batch_fusion_strength"} <= set(header)
+
+
+@pytest.mark.slow
 def test_composes_with_ascl(tmp_path):
     plain = per_step_losses(HOSTS["moco_infonce"] + ["plugins.ascl={neighbours: 3}"], tmp_path / "ascl")
     both = per_step_losses(HOSTS["moco_infonce"] + ["plugins.ascl={neighbours: 3}",
