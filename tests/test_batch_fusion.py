@@ -286,20 +286,25 @@ def test_parameters_train_in_their_own_group():
 
 
 # ------------------------------------------------------------------------------------------------ whole runs
+#: The hosts of the identity test: every host of the plug-in tests, and All4One (one line per new host).
+IDENTITY_HOSTS = {**HOSTS, "all4one": ["method.name=all4one", "method.loss=infonce", "method.queue_size=128"]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("host", list(HOSTS))
+@pytest.mark.parametrize("host", list(IDENTITY_HOSTS))
 def test_strength_zero_is_the_host_step_by_step(host, tmp_path):
     """``strength: ramp, max_strength: 0`` (the fused part is computed and multiplied by 0): the per-step losses of
     every host equal the host's own, exactly; the learned gate starts at 0, so its first step is the host's too."""
-    plain = per_step_losses(HOSTS[host], tmp_path / "plain")
-    zero = per_step_losses(HOSTS[host] + ["plugins.batch_fusion={strength: ramp, max_strength: 0, layers: 2}"],
+    overrides = IDENTITY_HOSTS[host]
+    plain = per_step_losses(overrides, tmp_path / "plain")
+    zero = per_step_losses(overrides + ["plugins.batch_fusion={strength: ramp, max_strength: 0, layers: 2}"],
                            tmp_path / "zero")
     assert zero == plain
     if host in ("simclr_infonce", "moco_infonce"):
-        staged = per_step_losses(HOSTS[host] + ["plugins.batch_fusion={strength: ramp, max_strength: 0, "
-                                                "placement: stage1}"], tmp_path / "stage")
+        staged = per_step_losses(overrides + ["plugins.batch_fusion={strength: ramp, max_strength: 0, "
+                                              "placement: stage1}"], tmp_path / "stage")
         assert staged == plain
-        learned = per_step_losses(HOSTS[host] + ["plugins.batch_fusion={strength: learned}"], tmp_path / "gate")
+        learned = per_step_losses(overrides + ["plugins.batch_fusion={strength: learned}"], tmp_path / "gate")
         assert learned[0] == plain[0] and learned != plain
 
 

@@ -25,7 +25,7 @@ Where it acts (all *ours*):
 
 - per view: each view's batch is fused on its own with the same weights; the two views of an image never meet
   (fusing them together would let the positive leak into its anchor, the "cheating" MoCo's shuffling BN prevents).
-- the student encoder only: a momentum teacher (MoCo, BYOL) sees plain inputs unless ``teacher: true`` (then the
+- the student encoder only: a momentum teacher (MoCo, BYOL, All4One) sees plain inputs unless ``teacher: true`` (then the
   teacher's views pass the same layers, without gradient; input placement only).
 - training only: kNN/linear evaluation, ``export``, ``embed`` and ``load_backbone`` use the backbone alone (the
   layers live in the plug-in, not in the backbone; at a stage, a forward hook is registered on the backbone only
@@ -135,6 +135,7 @@ class BatchFusion(Plugin):
         "nnclr": None,
         "byol": None,
         "barlow": None,
+        "all4one": None,
     }
     Options = BatchFusionOptions
 
@@ -169,7 +170,8 @@ class BatchFusion(Plugin):
     def attach(self, method: nn.Module) -> None:
         o = self.options
         if o.teacher and not isinstance(getattr(method, "teacher", None), nn.Module):
-            raise ConfigError(f"plugins.batch_fusion.teacher=true needs a host with a momentum teacher (moco, byol); "
+            raise ConfigError(f"plugins.batch_fusion.teacher=true needs a host with a momentum teacher (moco, byol, "
+                              f"all4one); "
                               f"method.name={method.cfg.name} has none")
         if o.placement == "input":
             channels = next(m for m in method.backbone.modules() if isinstance(m, nn.Conv2d)).in_channels
