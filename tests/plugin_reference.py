@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 
 FIXTURE = Path(__file__).parent / "fixtures" / "no_plugin_losses.json"
@@ -51,6 +52,17 @@ class LossRecorder(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss.detach()))
+
+
+def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """Central differences of the scalar function ``f`` at ``x`` (the gradients of the NumPy references)."""
+    g = np.zeros_like(x)
+    for idx in np.ndindex(*x.shape):
+        hi, lo = x.copy(), x.copy()
+        hi[idx] += eps
+        lo[idx] -= eps
+        g[idx] = (f(hi) - f(lo)) / (2 * eps)
+    return g
 
 
 def per_step_losses(overrides: list[str], run_dir: Path) -> list[float]:

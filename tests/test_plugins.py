@@ -36,6 +36,7 @@ from contrastkit.plugins.registry import host_rows
 
 sys.path.insert(0, str(Path(__file__).parent))
 from plugin_reference import FIXTURE, HOSTS, assert_resume_exact, bench_records, per_step_losses  # noqa: E402
+from plugin_reference import numeric_grad as _np_grad  # noqa: E402
 
 TARGETS = ["ascl", "ahcl", "hard", "normal"]
 
@@ -103,16 +104,6 @@ def np_byol_loss(pred, target, tt, nb, kind, ys=None):
         y = _np_targets(k[i], others, nb, tt, kind) if ys is None else ys[i]
         total += 2 - 2 * (y[0] * (h[i] @ k[i]) + sum(y[j + 1] * (h[i] @ others[j]) for j in range(len(others))))
     return total / len(h)
-
-
-def _np_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    g = np.zeros_like(x)
-    for idx in np.ndindex(*x.shape):
-        hi, lo = x.copy(), x.copy()
-        hi[idx] += eps
-        lo[idx] -= eps
-        g[idx] = (f(hi) - f(lo)) / (2 * eps)
-    return g
 
 
 def _data(seed: int, *shapes):
@@ -314,6 +305,8 @@ def test_cli_prints_the_matrix(capsys):
         for line, (method, loss) in zip(lines[2:], host_rows()):
             accepted = method in cls.hosts and (cls.hosts[method] is None or loss in cls.hosts[method])
             assert line.split()[col] == ("yes" if accepted else "-"), (name, line)
+    fusion = -len(PLUGINS) + sorted(PLUGINS).index("batch_fusion")
+    assert all(line.split()[fusion] == "yes" for line in lines[2:])  # batch fusion works with every host
 
 
 # ------------------------------------------------------------------------------------------ the seam itself

@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     tp.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
     tp.add_argument("--precision", default="32", choices=["32", "bf16", "16"])
     tp.add_argument("--json", action="store_true", help="one JSON record per setting")
-    tp.add_argument("--plugin", action="append", default=[], metavar="NAME", dest="plugins",
+    tp.add_argument("--plugin", "--plugins", action="append", default=[], metavar="NAME", dest="plugins",
                     help="also run each setting with this plug-in on (repeatable; options: plugins.NAME.KEY=V "
                          "overrides, which apply to the plug-in runs only)")
     tp.add_argument("--repeats", type=int, default=1,

@@ -16,8 +16,9 @@ For every run directory (written by :func:`contrastkit.training.train`) it reads
 
 and writes ``OUT/report.md`` plus ``OUT/loss.png``, ``OUT/knn_top1.png``, ``OUT/lr.png`` and, when a run used
 ``train.online_linear=true``, ``OUT/online_linear.png``, and with ``plugins.ascl``, ``OUT/ascl_confidence.png`` and
-``OUT/ascl_mass.png`` (a plot is left out when no run logged that metric; the Markdown then says so, except for
-the optional online probe and plug-in curves). Every file is written to a temporary name and renamed.
+``OUT/ascl_mass.png``, and with ``plugins.batch_fusion``, ``OUT/batch_fusion_strength.png`` and
+``OUT/batch_fusion_relative_norm.png`` (a plot is left out when no run logged that metric; the Markdown then says
+so, except for the optional online probe and plug-in curves). Every file is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
@@ -44,9 +45,13 @@ CURVES: dict[str, tuple[str, str, str]] = {
     "online_linear/acc": ("online_linear", "online linear probe accuracy (train.online_linear)", "top-1 (%)"),
     "train/ascl_confidence": ("ascl_confidence", "ASCL mean confidence c (plugins.ascl)", "c"),
     "train/ascl_mass": ("ascl_mass", "ASCL target mass outside the positive (plugins.ascl)", "mass"),
+    "train/batch_fusion_strength": ("batch_fusion_strength", "batch fusion strength alpha (plugins.batch_fusion)",
+                                    "alpha"),
+    "train/batch_fusion_relative_norm": ("batch_fusion_relative_norm",
+                                         "batch fusion: norm of the fused part / norm of the input", "ratio"),
 }
 #: Curves drawn only when some run logged them (optional monitors and plug-ins).
-_OPTIONAL = ("online_linear", "train/ascl_")
+_OPTIONAL = ("online_linear", "train/ascl_", "train/batch_fusion_")
 
 
 @dataclass

@@ -28,6 +28,7 @@ their parameter groups; the hosts stay plug-in agnostic.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -93,6 +94,7 @@ class SSLMethod(nn.Module):
         """Attach the run's plug-ins; a targets plug-in may replace ``self.criterion`` (its ``criterion`` hook)."""
         self.plugins = plugins
         for plugin in plugins:
+            plugin.attach(self)
             criterion = plugin.criterion(self.cfg.name, getattr(self, "criterion", None), self.cfg)
             if criterion is not None:
                 self.criterion = criterion
@@ -103,21 +105,26 @@ class SSLMethod(nn.Module):
 
         Views of the same size are concatenated so that one forward pass serves them all (faster, and BatchNorm
         sees all views together, as in SimCLR's implementation). ``student`` (default: ``encoder is None``): the
-        encoder is trained by gradient, so each view first passes the plug-ins' input hook (teachers see plain
-        views).
+        encoder is trained by gradient, so each view first passes the plug-ins' input hook and each encoder call
+        runs inside their ``encoding`` context; otherwise (a teacher) the views pass :meth:`teacher_inputs`.
         """
-        if student if student is not None else encoder is None:
-            views = [self.plugins.transform_input(v) for v in views]
+        student = student if student is not None else encoder is None
+        views = [self.plugins.transform_input(v) for v in views] if student else self.teacher_inputs(views)
         encoder = self.backbone if encoder is None else encoder
         out: list[torch.Tensor | None] = [None] * len(views)
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, v in enumerate(views):
             by_size.setdefault(tuple(v.shape[1:]), []).append(i)
         for idx in by_size.values():
-            feats = encoder(torch.cat([views[i] for i in idx]))  # (len(idx)*B) x D
+            with self.plugins.encoding(self.backbone, len(idx)) if student else contextlib.nullcontext():
+                feats = encoder(torch.cat([views[i] for i in idx]))  # (len(idx)*B) x D
             for i, f in zip(idx, feats.chunk(len(idx))):
                 out[i] = f
         return out  # type: ignore[return-value]
+
+    def teacher_inputs(self, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The views a teacher encoder sees: each through the plug-ins' teacher input hook (plain by default)."""
+        return [self.plugins.transform_teacher_input(v) for v in views] if len(self.plugins) else views
 
     def forward_loss(self, views: list[torch.Tensor], progress: float) -> dict[str, torch.Tensor]:
         raise NotImplementedError

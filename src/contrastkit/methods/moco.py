@@ -161,6 +161,7 @@ class MoCo(SSLMethod):
         q = encode_in_groups(query, query_views, groups)  # BxP each
         with torch.no_grad():
             if mode == "shuffle":
+                key_views = encode_in_groups(self.teacher_inputs, key_views, groups)  # per emulated process
                 k = shuffled_forward(self._key, key_views, groups)  # BxP each
             else:
                 k = self.encode_views(key_views, self._key)  # BxP each

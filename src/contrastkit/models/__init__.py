@@ -1,7 +1,16 @@
 """Backbones and MLP heads; the shared parts of the methods: memory queue, nearest neighbours, momentum teacher,
 All4One's centroid transformer."""
 
-from contrastkit.models.backbones import BACKBONE_ARGS, BACKBONES, ConvNet, SmallResNet, backbone_args, build_backbone
+from contrastkit.models.backbones import (
+    BACKBONE_ARGS,
+    BACKBONES,
+    ConvNet,
+    SmallResNet,
+    backbone_args,
+    backbone_stages,
+    build_backbone,
+    stage_names,
+)
 from contrastkit.models.centroid import CentroidTransformer, sinusoidal_token_code
 from contrastkit.models.heads import mlp
 from contrastkit.models.momentum import MomentumTeacher, cosine_momentum, fixed_momentum
@@ -18,6 +27,7 @@ __all__ = [
     "Neighbours",
     "SmallResNet",
     "backbone_args",
+    "backbone_stages",
     "build_backbone",
     "cosine_momentum",
     "cosine_similarities",
@@ -26,4 +36,5 @@ __all__ = [
     "mlp",
     "nearest_neighbours",
     "sinusoidal_token_code",
+    "stage_names",
 ]

@@ -97,6 +97,7 @@ class SmallResNet(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = in_ch
+        self.widths, self.blocks = tuple(widths), blocks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layers(self.stem(x))  # B x W x h x w
@@ -127,6 +128,7 @@ class ConvNet(nn.Module):
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_dim = in_ch
+        self.widths = tuple(widths)
         self.min_size = 2 ** len(widths)  # each floor-mode pool halves the side
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,3 +191,38 @@ def backbone_args(name: str, model_cfg: Any, in_channels: int) -> dict[str, Any]
               "widths": [int(w) for w in model_cfg.widths], "blocks": int(model_cfg.blocks),
               "stem_stride": int(model_cfg.stem_stride)}
     return {k: values[k] for k in BACKBONE_ARGS[name]}
+
+
+def stage_names(name: str, model_cfg: Any) -> list[str]:
+    """The stage names :func:`backbone_stages` gives backbone ``name`` built from a ``model`` config section, in order
+    (for checking a configuration before anything is built)."""
+    if name == "convnet":
+        return [f"stage{i + 1}" for i in range(len(model_cfg.widths))]
+    count = len(model_cfg.widths) if name == "small_resnet" else 4
+    return ["stem", *(f"stage{i + 1}" for i in range(count))]
+
+
+def backbone_stages(backbone: nn.Module) -> dict[str, tuple[nn.Module, int]]:
+    """The named stages of a backbone made by :func:`build_backbone`: name -> (the sub-module whose output is the
+    stage's feature map ``B x C_s x h_s x w_s``, ``C_s``), in forward order.
+
+    ``stem`` (small_resnet: the stem conv-BN-ReLU; ResNets: conv1-bn1-relu-maxpool, read at the max-pool) and
+    ``stage1`` ... ``stageN`` (small_resnet: the last block of each width; ResNets: ``layer1`` ... ``layer4``;
+    convnet: each conv-BN-ReLU-pool block, read at its pool). A forward hook on one of these modules that returns a
+    tensor of the same shape changes what the rest of the backbone sees: the way to run a backbone "in two parts"
+    without changing the module (:mod:`contrastkit.plugins.batch_fusion` registers one only while it trains)."""
+    if isinstance(backbone, SmallResNet):
+        stages = {"stem": (backbone.stem, backbone.widths[0])}
+        for i, w in enumerate(backbone.widths):
+            stages[f"stage{i + 1}"] = (backbone.layers[(i + 1) * backbone.blocks - 1], w)
+        return stages
+    if isinstance(backbone, ConvNet):
+        return {f"stage{i + 1}": (backbone.features[4 * i + 3], w) for i, w in enumerate(backbone.widths)}
+    if isinstance(backbone, torchvision.models.ResNet):
+        stages = {"stem": (backbone.maxpool, backbone.conv1.out_channels)}
+        for i in range(4):
+            layer = getattr(backbone, f"layer{i + 1}")
+            bns = [m for m in layer[-1].modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            stages[f"stage{i + 1}"] = (layer, bns[-1].num_features)  # the block's last BN: its output width
+        return stages
+    raise ConfigError(f"{type(backbone).__name__} has no named stages; use one of {', '.join(BACKBONES)}")

@@ -11,9 +11,11 @@ is exactly the host's run. The hooks act in this fixed order within a training s
    follow ``optim.batch_size``), and may hand the views it made of the kept indices to the module through
    ``batch_views()`` (so the views it scored are the views that are trained).
 2. ``transform_input(view, ctx)`` (the input; batch fusion): each view of the *student* encoder, one view at a
-   time (never mixing the two views of an image), before the backbone; teachers see the plain views. Called in
-   :meth:`contrastkit.methods.SSLMethod.encode_views`.
-3. the encoders and heads of the host.
+   time (never mixing the two views of an image), before the backbone; teachers see the plain views unless a
+   plug-in also overrides ``transform_teacher_input``. Called in :meth:`contrastkit.methods.SSLMethod.encode_views`.
+3. the encoders and heads of the host; ``encoding(backbone, num_views, ctx)`` is a context manager around each
+   call of the *student* encoder (``num_views`` views of the same size concatenated along the batch), in which a
+   plug-in may hook a stage of the backbone (batch fusion on a feature map); outside it the backbone is plain.
 4. ``criterion(host, default, cfg)`` (the targets; ASCL): called once when the plug-in is attached to a method;
    returns a replacement for the host's loss module with the same call signature but other targets (e.g. soft
    ones), or None to keep the host's loss.
@@ -23,12 +25,17 @@ is exactly the host's run. The hooks act in this fixed order within a training s
 After the optimizer step, ``after_optimizer_step(ctx)`` (schedules, running statistics). ``logs()`` returns the
 scalars the plug-in wants in the CSV/TensorBoard logs for the step (logged as ``train/<plugin>_<key>``).
 
+Set-up: ``build(options, cfg)`` makes the plug-in from its options and the run configuration, ``check_config``
+refuses options that conflict with the rest of the configuration (before training), and ``attach(method)`` is
+called once when the plug-in joins a method (before the targets hook), e.g. to size modules from its backbone.
+
 Compatibility: ``hosts`` maps each compatible method to the ``method.loss`` values it works with (None: any, or the
 method has no loss choice). Options: the nested dataclass ``Options``; each field is one ``plugins.<name>.<key>``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -41,7 +48,7 @@ from torch import Tensor, nn
 from contrastkit.errors import ConfigError
 
 if TYPE_CHECKING:  # imported for annotations only: contrastkit.methods imports this module
-    from contrastkit.config import MethodConfig
+    from contrastkit.config import Config, MethodConfig
     from contrastkit.methods.base import ParamGroup
 
 
@@ -120,6 +127,18 @@ class Plugin(nn.Module):
         which returns ``optim.batch_size`` of them. Default 1 (the host's batch)."""
         return 1
 
+    @classmethod
+    def build(cls, options: Any, cfg: Config) -> Plugin:
+        """The plug-in of a run from its validated ``options`` and the run configuration. Default: ``cls(options)``."""
+        return cls(options)
+
+    @classmethod
+    def check_config(cls, options: Any, cfg: Config) -> None:
+        """Raise ConfigError if ``options`` conflict with the rest of ``cfg`` (run before training). Default: none."""
+
+    def attach(self, method: nn.Module) -> None:
+        """Called once when the plug-in joins ``method`` (an SSLMethod), before its targets hook. Default: nothing."""
+
     # ----------------------------------------------------------------------------------- hooks, in order
     def select_batch(self, indices: Tensor, ctx: StepContext, module: Any) -> Tensor:
         """Batch: the dataset indices to train on, from the loader's ``indices`` (``module``: the training module,
@@ -134,6 +153,14 @@ class Plugin(nn.Module):
     def transform_input(self, view: Tensor, ctx: StepContext) -> Tensor:
         """Input: one view ``B x C x h x w`` of the student encoder. Default: unchanged."""
         return view
+
+    def transform_teacher_input(self, view: Tensor, ctx: StepContext) -> Tensor:
+        """Input of a teacher encoder (momentum or other non-student encoder), one view. Default: unchanged."""
+        return view
+
+    def encoding(self, backbone: nn.Module, num_views: int, ctx: StepContext) -> contextlib.AbstractContextManager:
+        """Context around one call of the student encoder on ``num_views`` concatenated views. Default: nothing."""
+        return contextlib.nullcontext()
 
     def criterion(self, host: str, default: nn.Module | None, cfg: MethodConfig) -> nn.Module | None:
         """Targets: a replacement of the host's loss module ``default`` (same call signature), or None."""
@@ -203,6 +230,18 @@ class PluginSet(nn.Module):
         for p in self:
             view = p.transform_input(view, self.context)
         return view
+
+    def transform_teacher_input(self, view: Tensor) -> Tensor:
+        for p in self:
+            view = p.transform_teacher_input(view, self.context)
+        return view
+
+    @contextlib.contextmanager
+    def encoding(self, backbone: nn.Module, num_views: int) -> Iterator[None]:
+        with contextlib.ExitStack() as stack:
+            for p in self:
+                stack.enter_context(p.encoding(backbone, num_views, self.context))
+            yield
 
     def add_extra_losses(self, outputs: dict[str, Tensor]) -> dict[str, Tensor]:
         """``outputs`` with the plug-ins' weighted extra terms added to ``"loss"`` and their values and logs added

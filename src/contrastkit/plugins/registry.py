@@ -39,12 +39,13 @@ def check_plugins(cfg: Config) -> dict[str, Any]:
         cls = plugin_class(name)
         options[name] = cls.parse_options(raw)
         cls.check_host(cfg.method.name, cfg.method.contrastive_loss)  # infonce when unset
+        cls.check_config(options[name], cfg)
     return options
 
 
 def build_plugins(cfg: Config) -> PluginSet:
     """The plug-ins of ``cfg.plugins`` (empty set without a ``plugins`` section)."""
-    return PluginSet([PLUGINS[name](opts) for name, opts in check_plugins(cfg).items()])
+    return PluginSet([PLUGINS[name].build(opts, cfg) for name, opts in check_plugins(cfg).items()])
 
 
 def host_rows() -> list[tuple[str, str | None]]:
@@ -85,3 +86,4 @@ def plugin_matrix() -> str:
 
 from contrastkit.plugins import ascl  # noqa: E402,F401  (registers; one line per plug-in)
 from contrastkit.plugins import curation  # noqa: E402,F401
+from contrastkit.plugins import batch_fusion  # noqa: E402,F401
