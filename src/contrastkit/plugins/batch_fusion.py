@@ -129,14 +129,7 @@ class BatchFusion(Plugin):
     """
 
     name = "batch_fusion"
-    hosts = {  # every host, any loss: one line per method
-        "simclr": None,
-        "moco": None,
-        "nnclr": None,
-        "byol": None,
-        "barlow": None,
-        "all4one": None,
-    }
+    hosts = dict.fromkeys(["simclr", "moco", "nnclr", "byol", "barlow", "all4one"])  # any loss
     Options = BatchFusionOptions
 
     def __init__(self, options: BatchFusionOptions, batch_size: int = 256, seed: int = 0) -> None:

@@ -233,14 +233,7 @@ class Curation(Plugin):
     """Batch curation from a candidate pool; see the module docstring."""
 
     name = "curation"
-    hosts: ClassVar[dict[str, tuple[str, ...] | None]] = {
-        "simclr": None,
-        "moco": None,
-        "nnclr": None,
-        "byol": None,
-        "barlow": None,
-        "all4one": None,
-    }
+    hosts = dict.fromkeys(["simclr", "moco", "nnclr", "byol", "barlow", "all4one"])  # any loss
     Options = CurationOptions
     bench_options: ClassVar[dict[str, Any]] = {"warmup_epochs": 0}  # measure the curated steps
 
