@@ -150,7 +150,7 @@ class TrainConfig:
     knn_temperature: float = 0.1  #: kNN monitor temperature
     progress_bar: bool = True  #: show the progress bar
     max_steps: int = -1  #: >0: stop after this many optimizer steps (smoke runs); the schedule still spans ``epochs``
-    compile: bool = False  #: torch.compile the backbone for the training step (not evaluation); see docs/benchmarks.md
+    compile: bool = False  #: torch.compile the backbone for the training step (not evaluation); slower on CPU, see docs/benchmarks.md
     num_threads: int = 0  #: >0: torch.set_num_threads on CPU
     online_linear: bool = False  #: online linear probe on detached backbone features (labelled train_split; logs online_linear/acc)
     online_linear_lr: float = 0.1  #: learning rate of the online linear probe (SGD, momentum 0.9, no weight decay)
