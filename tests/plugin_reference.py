@@ -54,6 +54,18 @@ class LossRecorder(L.Callback):
         self.losses.append(float(loss.detach()))
 
 
+def assert_config_refused(overrides: list[str], needle: str) -> None:
+    """Loading a configuration with ``overrides`` raises a one-line ConfigError that contains ``needle``."""
+    import pytest
+
+    from contrastkit.config import load_config
+    from contrastkit.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
 def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """Central differences of the scalar function ``f`` at ``x`` (the gradients of the NumPy references)."""
     g = np.zeros_like(x)
