@@ -108,11 +108,12 @@ def assert_resume_exact(overrides: list[str], tmp_path: Path) -> dict[str, torch
 
 
 def bench_records(options: list[str], overrides: list[str], capsys) -> list[dict]:
-    """``contrastkit bench throughput --json OPTIONS OVERRIDES`` on tiny synthetic data: the JSON records printed."""
+    """``contrastkit bench throughput OPTIONS --json OVERRIDES`` on tiny synthetic data: the JSON records printed
+    (``--json`` ends a list-valued option such as ``--method a b``)."""
     from contrastkit.cli import main
 
     code = main(["bench", "throughput", "--backbone", "small_resnet", "--dataset", "synthetic", "--batch-size", "16",
-                 "--steps", "2", "--warmup", "1", "--json", *options, "model.widths=[8,16]",
+                 "--steps", "2", "--warmup", "1", *options, "--json", "model.widths=[8,16]",
                  "data.options={n: 128, channels: 3}", *overrides])
     assert code == 0
     return [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]

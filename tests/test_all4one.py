@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +24,9 @@ from contrastkit.errors import ConfigError
 from contrastkit.losses import FeatureContrastLoss
 from contrastkit.methods import NNCLR, All4One, build_method
 from contrastkit.models import CentroidTransformer, build_backbone, sinusoidal_token_code
+
+sys.path.insert(0, str(Path(__file__).parent))
+from plugin_reference import assert_config_refused, bench_records  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -362,9 +367,7 @@ def test_transformer_group_has_a_fixed_learning_rate() -> None:
     ("method.options=[1]", "method.options"),
 ])
 def test_options_are_validated_with_the_config(override: str, needle: str) -> None:
-    with pytest.raises(ConfigError) as e:
-        load_config(None, [*TINY, override])
-    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert_config_refused([*TINY, override], needle)
 
 
 def test_option_defaults_are_the_official_ones() -> None:
@@ -407,14 +410,8 @@ def test_cli_trains_all4one_and_logs_every_term(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_bench_throughput_compares_all4one_and_nnclr_side_by_side(tmp_path, monkeypatch, capsys) -> None:
-    from contrastkit.cli import main
-
     monkeypatch.chdir(tmp_path)
-    code = main(["bench", "throughput", "--backbone", "small_resnet", "--dataset", "synthetic", "--method", "all4one",
-                 "nnclr", "--batch-size", "16", "--steps", "2", "--warmup", "1", "--json", "model.widths=[8,16]",
-                 "data.options={n: 128, channels: 3}", "method.loss=infonce", "method.queue_size=64"])
-    assert code == 0
-    records = [json.loads(ln) for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    records = bench_records(["--method", "all4one", "nnclr"], ["method.loss=infonce", "method.queue_size=64"], capsys)
     assert [r["method"] for r in records] == ["all4one", "nnclr"]
     assert all(r["model_images_per_sec"] > 0 for r in records)
 

@@ -103,15 +103,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         rows.append(("raw pixels (normalised)", cell(m["raw_pixels_knn"]["top1"]), probe("raw_pixels_linear")))
         rows.append(("raw pixels (in [0, 1])", cell(m["raw_pixels_unnormalised_knn"]["top1"]),
                      probe("raw_pixels_linear")))
-    header = ("", "kNN top-1", "linear") if linear is not None else ()
-    if linear is None:
-        rows = [r[:2] for r in rows]
     title = (f"top-1 on {cfg.data.name} {split} (kNN: k={m.get('knn_k', cfg.train.knn_k)}, "
              f"T={cfg.train.knn_temperature}, cosine, bank {cfg.data.monitor_bank_split}"
              + ("; linear probe chosen on " + str(cfg.data.monitor_query_split) if linear is not None else "") + ")")
     if top1 is None:
-        rows = [(r[0], r[2]) for r in rows]  # linear only
-        title, header = f"linear probe top-1 on {cfg.data.name} {split}", ()
+        title = f"linear probe top-1 on {cfg.data.name} {split}"
+    shown = (top1 is not None, linear is not None)  # the kNN and linear columns this run has
+    rows = [(r[0], *(v for v, keep in zip(r[1:], shown) if keep)) for r in rows]
+    header = ("", "kNN top-1", "linear") if all(shown) else ()
     _print_table(rows, title, header)
     if "knn_top1_val" in m and split != cfg.data.monitor_query_split:
         print(f"(validation split {cfg.data.monitor_query_split}: kNN top-1 {m['knn_top1_val']:.2f}"
