@@ -220,6 +220,37 @@ def test_summary_with_a_baseline_per_arm(tmp_path):
     assert "| infonce_b32 (baseline) |" in md and "| dcl_b32 |" in md
 
 
+def test_summary_lists_what_the_plugins_logged(tmp_path):
+    # curation's premise evidence reaches the summary: per run the mean over the logged steps of each
+    # train/<plug-in>_* column (steps where the plug-in logged nothing do not count), then mean and std over seeds;
+    # the host's columns (loss) and the arm without the plug-in are left out
+    arms = {"host": [], "cur": ["plugins.curation={}"]}
+    study = load_study(_study(tmp_path, arms=arms, baseline="host"))
+    study.out.mkdir(parents=True)
+    (study.out / "study.json").write_text(json.dumps(study.to_dict()))
+    kept = {0: [0.2, 0.4, None], 1: [0.3, None, 0.5]}
+    for run in study.runs():
+        run.run_dir.mkdir(parents=True)
+        plugins = "plugins: {curation: {criterion: pair}}\n" if run.arm == "cur" else ""
+        (run.run_dir / "config.yaml").write_text("data: {monitor_query_split: val}\n" + plugins)
+        (run.run_dir / "results.json").write_text(json.dumps({"knn_top1_val": 70.0}))
+        rows = ["epoch,step,train/loss,train/curation_knn_error_kept,train/curation_rejected"]
+        for i, k in enumerate(kept[run.seed]):
+            rows.append(f"0,{i},{5 - i},{'' if k is None else k},0.25")
+        (run.run_dir / "logs" / "csv").mkdir(parents=True)
+        (run.run_dir / "logs" / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    s = write_summary(study.out)
+    assert s["arms"]["host"]["diagnostics"] == {}
+    diag = s["arms"]["cur"]["diagnostics"]
+    assert set(diag) == {"train/curation_knn_error_kept", "train/curation_rejected"}
+    assert diag["train/curation_knn_error_kept"] == {"mean": pytest.approx(0.35), "std": pytest.approx(math.sqrt(0.005)),
+                                                     "n": 2}
+    assert diag["train/curation_rejected"]["mean"] == pytest.approx(0.25)
+    md = (study.out / "summary.md").read_text()
+    assert "## Plug-in diagnostics" in md
+    assert "| cur | `train/curation_knn_error_kept` | 2 | 0.35 ± 0.07071 |" in md
+
+
 def test_bad_baseline_mappings_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="baseline 'nope' is not an arm"):
         load_study(_study(tmp_path, baseline={"dcl": "nope"}))

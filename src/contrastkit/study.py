@@ -539,6 +539,16 @@ SUMMARY_METRICS: dict[str, str] = {
 _COMPARED = ("knn_top1_val", "knn_top1_test", "linear_top1_val", "linear_top1_test")
 
 
+def plugin_diagnostics(run: Any) -> dict[str, float]:
+    """Every value a plug-in of ``run`` (a :class:`contrastkit.report.RunSummary`) logged while training
+    (``train/<plug-in>_*`` in its ``metrics.csv``: ASCL's confidence, curation's kept and rejected statistics,
+    batch fusion's strength), as its mean over the logged steps."""
+    names = run.config.get("plugins")
+    prefixes = tuple(f"train/{n}_" for n in names) if isinstance(names, dict) else ()
+    return {col: sum(v for _, v in points) / len(points) for col, points in sorted(run.curves.items())
+            if prefixes and col.startswith(prefixes) and points}
+
+
 def read_study(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """The resolved study recorded in ``STUDY_DIR/study.json`` (raises :class:`ContrastkitError` if absent)."""
     path = Path(study_dir) / STUDY_FILE
@@ -572,6 +582,7 @@ def write_summary(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
     missing: list[str] = []
     for arm in spec["arms"]:
         per_seed: dict[int, dict[str, float]] = {}
+        logged: dict[str, list[float]] = {}  # plug-in diagnostic -> one run mean per seed
         runs_by_arm[arm] = []
         for seed in seeds:
             run_dir = root / arm / f"seed-{seed}"
@@ -583,13 +594,17 @@ def write_summary(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
             values = split_metrics(run)
             per_seed[seed] = {k: values[k] for k in SUMMARY_METRICS if values.get(k) is not None}
             per_seed[seed]["steps"] = (run.results or {}).get("steps")
+            for col, value in plugin_diagnostics(run).items():
+                logged.setdefault(col, []).append(value)
         stats = {}
         for key in SUMMARY_METRICS:
             mean, std = _mean_std([v[key] for v in per_seed.values() if key in v])
             if mean is not None:
                 stats[key] = {"mean": mean, "std": std, "n": sum(key in v for v in per_seed.values())}
         arms[arm] = {"overrides": spec["arms"][arm], "budget": spec.get("arm_budgets", {}).get(arm),
-                     "runs": {str(s): v for s, v in per_seed.items()}, "stats": stats}
+                     "runs": {str(s): v for s, v in per_seed.items()}, "stats": stats,
+                     "diagnostics": {col: dict(zip(("mean", "std"), _mean_std(v)), n=len(v))
+                                     for col, v in logged.items()}}
     differences: dict[str, Any] = {}
     pairs = baseline_pairs(list(arms), baseline)
     for arm, base in pairs.items():
@@ -656,6 +671,15 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
                 std = "" if d["std"] is None else f" ± {d['std']:.2f}"
                 lines.append(f"| {arm} | {pairs.get(arm, summary.get('baseline'))} | {SUMMARY_METRICS[key]} | "
                              f"{d['n']} | {d['mean']:+.2f}{std} | {ci} |")
+        lines.append("")
+    diagnostics = [(arm, col, stat) for arm, info in summary["arms"].items()
+                   for col, stat in info.get("diagnostics", {}).items()]
+    if diagnostics:
+        lines += ["## Plug-in diagnostics", "",
+                  "What each plug-in logged while training (`train/<plug-in>_*` in each run's `logs/csv/metrics.csv`): "
+                  "per run the mean over its logged steps, then mean ± std over seeds.", "",
+                  "| arm | logged value | runs | mean over steps |", "|---|---|--:|--:|"]
+        lines += [f"| {arm} | `{col}` | {stat['n']} | {_pm(stat, '.4g')} |" for arm, col, stat in diagnostics]
         lines.append("")
     if summary.get("missing"):
         lines += ["**Missing runs** (no `results.json`: not run yet, running, or failed): "
