@@ -244,6 +244,7 @@ def test_a_pool_of_one_batch_is_the_host_exactly(host, tmp_path):
     ("plugins.curation.bn=train", "plugins.curation.bn"),
     ("plugins.curation.monitor_every_n_steps=-1", "plugins.curation.monitor_every_n_steps"),
     ("plugins.curation.monitor_bank_size=0", "plugins.curation.monitor_bank_size"),
+    ("plugins.curation.monitor_every_n_steps=50", "multiple of train.log_every_n_steps=20"),  # never logged
     ("plugins.curation.drop_false_negatives=maybe", "plugins.curation.drop_false_negatives"),
     ("plugins.curation.quantile=0.2", "plugins.curation.quantile"),
 ])
@@ -336,6 +337,22 @@ def test_curation_composes_with_ascl_and_checks_the_premise(tiny_overrides, tmp_
     assert cols["train/curation_rejected"][0] == 0.0 and cols["train/curation_rejected"][-1] > 0.4  # the ramp
     for key in ("train/curation_knn_error_kept", "train/curation_knn_error_rejected"):
         assert cols[key] and all(0 <= v <= 1 for v in cols[key])
+
+
+@pytest.mark.slow
+def test_the_premise_check_reaches_the_log_when_steps_are_logged_sparsely(tiny_overrides, tmp_path):
+    """With a log interval above 1, the premise check runs on the steps Lightning writes (steps 2, 4, 6, 8 of 8
+    with an interval of 2): every logged row after the first curated step holds its kNN errors."""
+    from contrastkit.training.run import train
+
+    train(load_config(None, tiny_overrides + [
+        "train.epochs=1", "eval.knn=false", "train.knn_every_n_epochs=1", "train.log_every_n_steps=2",
+        "plugins.curation={warmup_epochs: 0, monitor_every_n_steps: 2, monitor_bank_size: 64}"]))
+    lines = (tmp_path / "run" / "logs" / "csv" / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [dict(zip(header, line.split(","))) for line in lines[1:] if line.split(",")[header.index("train/loss")]]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5, 7]
+    assert all(r["train/curation_knn_error_kept"] and r["train/curation_knn_error_rejected"] for r in rows)
 
 
 @pytest.mark.slow

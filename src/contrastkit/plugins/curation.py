@@ -49,8 +49,8 @@ scoring forward changes no state and draws no random number outside the views).
 
 Logged (``train/curation_<key>``, every step after the warm-up): ``rejected`` (``1 - B / M``, the fraction of the
 scored pool not trained), ``agreement_kept`` / ``agreement_rejected`` (mean ``s_i``), ``false_negatives`` (pair:
-fraction of the pool with ``m_i > s_i``), ``frd_kept`` / ``frd_host`` (frd). Every ``monitor_every_n_steps``
-steps, when the training split has labels and the run has a kNN monitor bank (``data.monitor_bank_split``):
+fraction of the pool with ``m_i > s_i``), ``frd_kept`` / ``frd_host`` (frd). On every ``monitor_every_n_steps``-th
+step (a multiple of ``train.log_every_n_steps``, so that the values reach the log), when the training split has labels and the run has a kNN monitor bank (``data.monitor_bank_split``):
 ``knn_error_kept`` / ``knn_error_rejected``, the fraction of the kept / rejected views that a weighted kNN
 (``train.knn_k``, ``train.knn_temperature``) on the scoring backbone's features (eval mode) of
 ``monitor_bank_size`` bank images would misclassify: the evidence for or against the premise that rejected pairs
@@ -81,7 +81,9 @@ Options (``plugins.curation.<key>``):
   0 to 1 over the rest of training (the kept fraction falls from 1 to ``1 / pool_factor``).
 - ``encoder`` (``auto`` default: the momentum teacher where the host has one, else the student; ``student``).
 - ``bn`` (``eval`` default, ``batch``): BatchNorm statistics of the scoring forward (running stats untouched).
-- ``monitor_every_n_steps`` (int >= 0, default 50; 0 = off): how often the kNN premise check runs.
+- ``monitor_every_n_steps`` (int >= 0, default 100; 0 = off): how often the kNN premise check runs; a multiple of
+  ``train.log_every_n_steps`` (Lightning writes a step's values only on its logged steps, and repeats the last check
+  on the logged steps between two checks: equal intervals give one row per check).
 - ``monitor_bank_size`` (int >= 1, default 1000): bank images for it (evenly spaced over the kNN monitor's bank).
 """
 
@@ -96,7 +98,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from contrastkit.config import check_value
+from contrastkit.config import Config, check_value
 from contrastkit.models import MomentumTeacher
 from contrastkit.plugins.base import Plugin, StepContext
 from contrastkit.plugins.registry import register
@@ -208,7 +210,7 @@ class CurationOptions:
     schedule: str = "constant"  #: constant, linear, cosine: the curation strength after the warm-up
     encoder: str = "auto"  #: auto (momentum teacher where the host has one) or student
     bn: str = "eval"  #: eval or batch: BatchNorm statistics of the scoring forward
-    monitor_every_n_steps: int = 50  #: kNN premise check every N steps (0: off)
+    monitor_every_n_steps: int = 100  #: kNN premise check every N steps (0: off; a multiple of train.log_every_n_steps)
     monitor_bank_size: int = 1000  #: bank images of the kNN premise check
 
     def validate(self, prefix: str) -> None:
@@ -236,6 +238,13 @@ class Curation(Plugin):
     hosts = dict.fromkeys(["simclr", "moco", "nnclr", "byol", "barlow", "all4one"])  # any loss
     Options = CurationOptions
     bench_options: ClassVar[dict[str, Any]] = {"warmup_epochs": 0}  # measure the curated steps
+
+    @classmethod
+    def check_config(cls, options: CurationOptions, cfg: Config) -> None:
+        every, log = options.monitor_every_n_steps, cfg.train.log_every_n_steps
+        check_value(every % log == 0, f"plugins.{cls.name}.monitor_every_n_steps", every,
+                    f"0 or a multiple of train.log_every_n_steps={log} (the premise check's values are written on "
+                    "logged steps only)")
 
     def __init__(self, options: CurationOptions) -> None:
         super().__init__(options)
@@ -306,7 +315,7 @@ class Curation(Plugin):
         if rejected.any():
             self._logs["agreement_rejected"] = s[rejected].mean()
         every = o.monitor_every_n_steps
-        if every and ctx.global_step % every == 0 and rejected.any():
+        if every and (ctx.global_step + 1) % every == 0 and rejected.any():  # Lightning's logged steps
             self._logs.update(self.premise_check(module, pool, feats, rejected))
         self._views = [v[kept] for v in views]
         return pool[kept]
