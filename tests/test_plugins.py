@@ -453,6 +453,16 @@ def test_compare_repeats_takes_medians_and_ratios_to_the_host() -> None:
 
 
 @pytest.mark.slow
+def test_bench_repeats_alternate_over_methods_and_plugins(tmp_path, monkeypatch, capsys):
+    # each round runs every method with and without the plug-in, so a drift of the machine hits all of them alike
+    monkeypatch.chdir(tmp_path)
+    records = bench_records(["--method", "simclr", "barlow", "--plugin", "batch_fusion", "--repeats", "2"], [],
+                            capsys)
+    assert [(r["repeat"], r["method"], r["plugins"]) for r in records] == [
+        (k, m, p) for k in (0, 1) for m in ("simclr", "barlow") for p in ("-", "batch_fusion")]
+
+
+@pytest.mark.slow
 def test_bench_repeats_alternate_host_and_plugin(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "throughput", "--backbone", "small_resnet", "--dataset", "synthetic", "--method", "moco",

@@ -168,8 +168,9 @@ def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100
     ``plugins``: each setting runs twice, side by side: without plug-ins (``plugins.*`` overrides dropped) and
     with the named plug-ins on (each with its ``bench_options``, then the ``plugins.*`` of ``overrides``).
 
-    ``repeats``: the variants of a setting run alternately (host, plug-in, host, plug-in, ...) ``repeats`` times, so
-    that a drift of the machine's speed (other jobs, CPU frequency) hits both alike; each record carries its
+    ``repeats``: every setting and variant runs once per round, ``repeats`` rounds (host, plug-in, host, plug-in, ...;
+    with several methods, e.g. all4one, nnclr, all4one, nnclr), so that a drift of the machine's speed (other jobs,
+    CPU frequency) hits all alike; each record carries its
     ``repeat`` index, and :func:`compare_repeats` gives each variant's median and its ratio to the host's.
 
     Raises:
@@ -201,10 +202,10 @@ def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100
         on = [f"plugins.{name}={_flow(plugin_class(name).bench_options)}" for name in plugins]
         variants.append((",".join(plugins), on + list(overrides or [])))
     records = []
-    for method in methods or ["simclr"]:
-        for backbone in backbones:
-            ds = dataset or ("synthetic" if backbone.startswith("resnet") else "fashion-mnist")
-            for repeat in range(repeats):
+    for repeat in range(repeats):  # outermost: the repeats alternate over every method, backbone and variant
+        for method in methods or ["simclr"]:
+            for backbone in backbones:
+                ds = dataset or ("synthetic" if backbone.startswith("resnet") else "fashion-mnist")
                 for label, ov in variants:
                     r = bench_setting(backbone, method, ds, batch_size, steps, warmup, device, precision, ov)
                     r["plugins"], r["repeat"] = label, repeat

@@ -362,8 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also run each setting with this plug-in on (repeatable; options: plugins.NAME.KEY=V "
                          "overrides, which apply to the plug-in runs only)")
     tp.add_argument("--repeats", type=int, default=1,
-                    help="run each setting's variants alternately this many times; prints each variant's median "
-                         "and its ratio to the host (default 1)")
+                    help="this many rounds, each running every method, backbone and variant once (alternating); "
+                         "prints each variant's median and its ratio to the host (default 1)")
     tp.set_defaults(func=cmd_bench)
 
     pg = sub.add_parser("plugins", help="print the host x plug-in compatibility matrix")
