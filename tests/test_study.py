@@ -14,7 +14,8 @@ import yaml
 
 from contrastkit.cli import main
 from contrastkit.errors import ConfigError
-from contrastkit.study import load_study, paired_difference, run_study, study_commands, write_summary
+from contrastkit.study import (
+    baseline_pairs, load_study, paired_difference, run_study, study_commands, write_summary)
 
 #: A seconds-long run on synthetic data (as tests/conftest.py's tiny_overrides), without run_dir / seed.
 TINY = [
@@ -249,6 +250,18 @@ def test_summary_lists_what_the_plugins_logged(tmp_path):
     md = (study.out / "summary.md").read_text()
     assert "## Plug-in diagnostics" in md
     assert "| cur | `train/curation_knn_error_kept` | 2 | 0.35 ± 0.07071 |" in md
+
+
+STUDIES = sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=[p.stem for p in STUDIES])
+def test_shipped_studies_validate(path):
+    # every study file of the repository (the ones docs/results.md reports) loads: its base config, every arm's
+    # overrides and the shared budget are valid, and each arm has its seeds and a baseline that is an arm
+    study = load_study(path)
+    assert len(study.runs()) == len(study.arms) * len(study.seeds) >= 3
+    assert set(baseline_pairs(list(study.arms), study.baseline).values()) <= set(study.arms)
 
 
 def test_bad_baseline_mappings_are_refused(tmp_path):
