@@ -170,8 +170,8 @@ def run_throughput(backbones: list[str], batch_size: int = 256, steps: int = 100
 
     ``repeats``: every setting and variant runs once per round, ``repeats`` rounds (host, plug-in, host, plug-in, ...;
     with several methods, e.g. all4one, nnclr, all4one, nnclr), so that a drift of the machine's speed (other jobs,
-    CPU frequency) hits all alike; each record carries its
-    ``repeat`` index, and :func:`compare_repeats` gives each variant's median and its ratio to the host's.
+    CPU frequency) hits all alike; each record carries its ``repeat`` index, and :func:`compare_repeats` gives each
+    variant's median and its ratio to the host's.
 
     Raises:
         ConfigError: ``steps`` < 1, ``warmup`` < 0, ``batch_size`` < 2, an unknown ``dataset`` or ``precision``,

@@ -521,6 +521,12 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
+def _stat(values: Sequence[float]) -> dict[str, Any] | None:
+    """``{"mean", "std", "n"}`` of ``values`` (sample std, None for one value), or None when there are none."""
+    mean, std = _mean_std(values)
+    return None if mean is None else {"mean": mean, "std": std, "n": len(values)}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # summary
 
@@ -546,7 +552,7 @@ def plugin_diagnostics(run: Any) -> dict[str, float]:
     names = run.config.get("plugins")
     prefixes = tuple(f"train/{n}_" for n in names) if isinstance(names, dict) else ()
     return {col: sum(v for _, v in points) / len(points) for col, points in sorted(run.curves.items())
-            if prefixes and col.startswith(prefixes) and points}
+            if col.startswith(prefixes) and points}
 
 
 def read_study(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -596,15 +602,11 @@ def write_summary(study_dir: str | os.PathLike[str]) -> dict[str, Any]:
             per_seed[seed]["steps"] = (run.results or {}).get("steps")
             for col, value in plugin_diagnostics(run).items():
                 logged.setdefault(col, []).append(value)
-        stats = {}
-        for key in SUMMARY_METRICS:
-            mean, std = _mean_std([v[key] for v in per_seed.values() if key in v])
-            if mean is not None:
-                stats[key] = {"mean": mean, "std": std, "n": sum(key in v for v in per_seed.values())}
+        stats = {key: _stat([v[key] for v in per_seed.values() if key in v]) for key in SUMMARY_METRICS}
         arms[arm] = {"overrides": spec["arms"][arm], "budget": spec.get("arm_budgets", {}).get(arm),
-                     "runs": {str(s): v for s, v in per_seed.items()}, "stats": stats,
-                     "diagnostics": {col: dict(zip(("mean", "std"), _mean_std(v)), n=len(v))
-                                     for col, v in logged.items()}}
+                     "runs": {str(s): v for s, v in per_seed.items()},
+                     "stats": {key: stat for key, stat in stats.items() if stat is not None},
+                     "diagnostics": {col: _stat(v) for col, v in logged.items()}}
     differences: dict[str, Any] = {}
     pairs = baseline_pairs(list(arms), baseline)
     for arm, base in pairs.items():

@@ -50,7 +50,8 @@ scoring forward changes no state and draws no random number outside the views).
 Logged (``train/curation_<key>``, every step after the warm-up): ``rejected`` (``1 - B / M``, the fraction of the
 scored pool not trained), ``agreement_kept`` / ``agreement_rejected`` (mean ``s_i``), ``false_negatives`` (pair:
 fraction of the pool with ``m_i > s_i``), ``frd_kept`` / ``frd_host`` (frd). On every ``monitor_every_n_steps``-th
-step (a multiple of ``train.log_every_n_steps``, so that the values reach the log), when the training split has labels and the run has a kNN monitor bank (``data.monitor_bank_split``):
+step (a multiple of ``train.log_every_n_steps``, so that the values reach the log), when the training split has
+labels and the run has a kNN monitor bank (``data.monitor_bank_split``):
 ``knn_error_kept`` / ``knn_error_rejected``, the fraction of the kept / rejected views that a weighted kNN
 (``train.knn_k``, ``train.knn_temperature``) on the scoring backbone's features (eval mode) of
 ``monitor_bank_size`` bank images would misclassify: the evidence for or against the premise that rejected pairs
